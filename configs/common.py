@@ -1,0 +1,52 @@
+"""The base config every recipe starts from. Every setting has a default that runs on a CPU."""
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256  # Global, over all processes and devices.
+  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.tokenizer = 'bytes'  # Or 'sp:/path/to/model.model'.
+  c.image_size = 64  # Image side after preprocessing.
+  c.text_len = 64
+
+  c.input = ml_collections.ConfigDict()
+  c.input.name = 'mmcl_shapes'
+  c.input.split = 'train'
+  c.input.shuffle_buffer = 10_000
+  c.input.cache = False
+  c.input.pp = ''  # Set by recipes; see mmcl/data/preprocess.py for the ops.
+
+  c.mesh = [('data', -1)]
+  c.sharding_rules = [('.*', 'fsdp')]  # 'fsdp' is a no-op without an 'fsdp' mesh axis.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'two_towers'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'softmax'
+  c.loss.impl = 'gather'
+
+  c.lr = 1e-3
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip = 1.0
+  c.optim.freeze = ''  # Regex of frozen parameters, e.g. 'img/.*' for LiT.
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'cosine'
+  c.schedule.warmup_steps = 100
+  c.schedule.end_factor = 0.0
+
+  c.log_every = 10
+  c.ckpt_every = 500
+  c.ckpt_keep = 3
+  c.progress_bar = True
+  c.evals = ml_collections.ConfigDict()
+  return c

@@ -1,0 +1,85 @@
+r"""Demo: a small CLIP (or SigLIP) trained on the built-in synthetic `mmcl_shapes` dataset.
+
+Runs on a 2-core CPU in minutes and reports zero-shot accuracy on shape, colour and
+held-out colour+shape combinations, plus retrieval on the test split:
+
+  python tools/train.py --config configs/demo.py --workdir /tmp/mmcl_demo
+  python tools/train.py --config configs/demo.py:siglip --workdir /tmp/mmcl_demo_siglip
+  python tools/train.py --config configs/demo.py --workdir /tmp/w --config.total_steps=30
+
+The argument is a comma-separated list of options: 'clip' (default) or 'siglip' picks the
+loss; 'tiny' shrinks the models and data to a smoke test that runs in seconds (tests).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+OPTIONS = ('clip', 'siglip', 'tiny')
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  options = {o for o in (arg or '').split(',') if o}
+  if options - set(OPTIONS) or {'clip', 'siglip'} <= options:
+    raise ValueError(f'Bad demo options {arg!r}; valid: {OPTIONS} (clip or siglip, not both).')
+  siglip, tiny = 'siglip' in options, 'tiny' in options
+  dataset = 'mmcl_shapes/tiny' if tiny else 'mmcl_shapes'
+
+  c = common.base_config()
+  c.total_steps = 20 if tiny else 600
+  c.batch_size = 32 if tiny else 128
+  c.image_size = 64
+  c.text_len = 64
+  c.lr = 2e-3
+  c.schedule.warmup_steps = 5 if tiny else 50
+  c.optim.weight_decay = 0.05
+  c.log_every = 5 if tiny else 20
+  c.ckpt_every = 10 if tiny else 200
+
+  c.input.name = dataset
+  c.input.shuffle_buffer = 512 if tiny else 10_000
+  # {text_len} and {tokenizer} are filled from the config, so overrides stay consistent.
+  c.input.pp = ('decode|value_range(-1, 1)|choice(inkey="captions", outkey="texts")|'
+                'tokenize(max_len={text_len}, tokenizer="{tokenizer}", inkey="texts", '
+                'outkey="text")|keep("image", "text")')
+
+  c.model.image = ml_collections.ConfigDict(
+      dict(variant='pico/8' if tiny else 'nano/8', pool='gap'))
+  c.model.text = ml_collections.ConfigDict(
+      dict(variant='pico', style='siglip' if siglip else 'clip', vocab_size=258,
+           max_len=c.get_ref('text_len')))
+  c.model.embed_dim = 64 if tiny else 128
+  c.model.dtype = 'float32'
+  c.model.remat = False
+  if siglip:
+    c.loss.name = 'sigmoid'
+    c.model.temperature_init = 10.0
+    c.model.max_temperature = config_dict.placeholder(float)
+    c.model.bias_init = -10.0
+  else:
+    c.loss.name = 'softmax'
+    c.model.temperature_init = 1 / 0.07
+    c.model.max_temperature = 100.0
+    c.model.bias_init = config_dict.placeholder(float)  # No bias; settable by flag.
+
+  pp_img = 'decode|value_range(-1, 1)'
+  c.evals.zeroshot = dict(
+      type='zeroshot', every=0, dataset=dataset, split='test', pp_img=pp_img, batch_size=256,
+      tasks=dict(
+          shape=dict(label_key='shape', prompts='mmcl_shapes/shape',
+                     where={'num_objects': 1}),
+          color=dict(label_key='color', prompts='mmcl_shapes/color',
+                     where={'num_objects': 1}),
+          # Colour+shape pairs never seen in training: compositional generalisation.
+          combo=dict(label_key='combo', prompts='mmcl_shapes/combo',
+                     where={'num_objects': 1, 'combo': _heldout_combo_ids()}),
+      ))
+  c.evals.retrieval = dict(type='retrieval', every=0, dataset=dataset, split='test',
+                           pp_img=pp_img, batch_size=256)
+  return c
+
+
+def _heldout_combo_ids() -> list[int]:
+  from mmcl.data import shapes
+  return [shapes.COLORS.index(color) * len(shapes.SHAPES) + shapes.SHAPES.index(shape)
+          for color, shape in shapes.HELDOUT_COMBOS]

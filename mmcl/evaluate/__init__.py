@@ -1,0 +1,34 @@
+"""Evaluators built from `config.evals`: each returns a flat dict of metrics.
+
+`config.evals.<name>` = {type, every (steps; 0 = only at the end), **kwargs}. The kwargs
+`tokenizer`, `text_len` and `data_dir` default to the top-level config's.
+"""
+from mmcl.data import input_pipeline
+from mmcl.evaluate.predict import Predictor
+from mmcl.evaluate.retrieval import RetrievalEvaluator
+from mmcl.evaluate.zeroshot import ZeroShotEvaluator
+
+EVALUATORS = {'zeroshot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator}
+
+
+def check_types(evals_config):
+  for name, cfg in evals_config.items():
+    if cfg.get('type') not in EVALUATORS:
+      raise ValueError(f'Unknown evaluator type {cfg.get("type")!r} in config.evals.{name}; '
+                       f'valid: {sorted(EVALUATORS)}')
+
+
+def build_evaluators(config, predictor: Predictor) -> dict:
+  """{name: (evaluator, every)} from `config.evals`."""
+  check_types(config.evals)
+  out = {}
+  for name, cfg in config.evals.items():
+    kwargs = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+    kind, every = kwargs.pop('type'), kwargs.pop('every', 0)
+    kwargs.setdefault('tokenizer', config.tokenizer)
+    kwargs.setdefault('text_len', config.text_len)
+    kwargs.setdefault('data_dir', config.get('data_dir'))
+    if 'pp_img' in kwargs:
+      kwargs['pp_img'] = input_pipeline.format_pp(kwargs['pp_img'], config)
+    out[name] = (EVALUATORS[kind](predictor, **kwargs), every)
+  return out

@@ -1,0 +1,43 @@
+"""Runs a registered loss on global sharded embeddings: globally, or per shard in shard_map."""
+import functools
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mmcl.losses.registry import LossContext, get_loss
+from mmcl.parallel import mesh as mesh_lib
+
+
+def make_loss_fn(name: str, impl: str, mesh: Mesh, **options):
+  """Returns `fn(zimg_BxD, ztxt_BxD, scale, bias=None) -> (loss, metrics)` for global arrays.
+
+  Validates `name` and `impl` now, so a bad config fails before anything compiles.
+  """
+  spec = get_loss(name, impl)
+  axes = mesh_lib.batch_axes(mesh)
+
+  def local(zimg, ztxt, scale, bias, axis_names):
+    ctx = LossContext(scale=scale, bias=bias, axis_names=axis_names, impl=impl,
+                      options=options)
+    return spec.fn(zimg, ztxt, ctx, **options)
+
+  def fn(zimg_BxD, ztxt_BxD, scale, bias=None):
+    if impl == 'global' or not axes:
+      return local(zimg_BxD, ztxt_BxD, scale, bias, ())
+    batch = zimg_BxD.shape[0]
+    shards = mesh_lib.num_batch_shards(mesh)
+    if batch % shards:
+      raise ValueError(f'Global batch {batch} does not divide over {shards} batch shards '
+                       f'(mesh axes {axes}).')
+    sharded = jax.shard_map(
+        functools.partial(local, axis_names=axes), mesh=mesh,
+        in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
+    return sharded(zimg_BxD, ztxt_BxD, scale, bias)
+
+  return fn
+
+
+def contrastive_loss(zimg, ztxt, *, name: str, impl: str = 'gather', mesh: Mesh, scale,
+                     bias=None, **options):
+  """The loss `name` of global embeddings `zimg`, `ztxt` ([B, D]) computed by `impl`."""
+  return make_loss_fn(name, impl, mesh, **options)(zimg, ztxt, scale, bias)

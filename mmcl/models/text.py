@@ -1,0 +1,121 @@
+"""Text Transformer tower (CLIP- or SigLIP-style)."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmcl.models import transformer
+
+STYLES = ('clip', 'siglip')
+POOLS = ('eot', 'last', 'first', 'gap', 'map')
+PAD_ID = 0
+
+
+def decode_variant(variant: str | None) -> dict:
+  """'B' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12)."""
+  if variant is None:
+    return {}
+  if variant not in transformer.VARIANTS:
+    raise ValueError(f'Unknown text variant {variant!r}; valid: '
+                     f'{", ".join(transformer.VARIANTS)} (no patch size)')
+  return dict(transformer.VARIANTS[variant])
+
+
+def resolve_hparams(variant=None, width=None, depth=None, mlp_dim=None,
+                    num_heads=None) -> dict:
+  """Variant table entry with the explicit (non-None) fields overriding it."""
+  return transformer.merge_hparams(
+      'TextTransformer', decode_variant(variant),
+      dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads))
+
+
+def eot_index(text_BxL):
+  """Index of the last non-pad token per row (0 for an all-pad row)."""
+  _, l = text_BxL.shape
+  pos_1xL = jnp.arange(l)[None, :]
+  return jnp.max(jnp.where(text_BxL != PAD_ID, pos_1xL, 0), axis=1)
+
+
+class TextTransformer(nn.Module):
+  """Token + position embedding -> pre-norm encoder -> pool -> head.
+
+  style='clip': causal mask, pool at the EOT (last non-pad) token.
+  style='siglip': bidirectional, pool at the last position.
+  `pool` overrides the style's pooling when given.
+  """
+  variant: str | None = None
+  num_classes: int | None = None  # Output (embedding) dim; None = no head.
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  vocab_size: int = 32_000
+  max_len: int = 64
+  style: str = 'siglip'
+  pool: str | None = None
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Any = 'float32'
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.hparams()  # Fail at construction time, not inside jit.
+    if self.style not in STYLES:
+      raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
+    if self.pool is not None and self.pool not in POOLS:
+      raise ValueError(f'Unknown text pool {self.pool!r}; valid: {POOLS}')
+
+  def hparams(self) -> dict:
+    return resolve_hparams(self.variant, self.width, self.depth, self.mlp_dim,
+                           self.num_heads)
+
+  @nn.compact
+  def __call__(self, text_BxL, *, train: bool = False):
+    hp = self.hparams()
+    dtype = transformer.canonical_dtype(self.dtype)
+    d = hp['width']
+    b, l = text_BxL.shape
+    if l > self.max_len:
+      raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
+    out = {}
+
+    x_BxLxD = nn.Embed(
+        self.vocab_size, d, dtype=dtype, param_dtype=transformer.PARAM_DTYPE,
+        embedding_init=nn.initializers.normal(stddev=0.02),
+        name='embedding')(text_BxL)
+    pos_1xMxD = self.param('pos_embedding',
+                           nn.initializers.normal(stddev=0.01),
+                           (1, self.max_len, d), transformer.PARAM_DTYPE)
+    x_BxLxD = x_BxLxD + pos_1xMxD[:, :l].astype(dtype)
+    x_BxLxD = nn.Dropout(rate=self.dropout)(x_BxLxD, not train)
+
+    mask = None
+    if self.style == 'clip':
+      mask = nn.make_causal_mask(jnp.ones((1, l), jnp.bool_), dtype=jnp.bool_)
+    x_BxLxD = transformer.Encoder(
+        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype,
+        name='Transformer')(x_BxLxD, mask, deterministic=not train)
+    out['encoded'] = x_BxLxD
+
+    pool = self.pool or ('eot' if self.style == 'clip' else 'last')
+    if pool == 'eot':
+      x_BxD = x_BxLxD[jnp.arange(b), eot_index(text_BxL)]
+    elif pool == 'last':
+      x_BxD = x_BxLxD[:, -1]
+    elif pool == 'first':
+      x_BxD = x_BxLxD[:, 0]
+    elif pool == 'gap':
+      # Plain mean over all L positions (pads included), as in big_vision.
+      x_BxD = jnp.mean(x_BxLxD, axis=1)
+    else:  # 'map'
+      x_BxD = transformer.MAPHead(
+          mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'], dtype=dtype,
+          name='MAPHead_0')(x_BxLxD)
+    out['pre_logits'] = x_BxD
+
+    if self.num_classes is not None:
+      x_BxD = nn.Dense(self.num_classes, dtype=dtype,
+                       param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
+      out['logits'] = x_BxD
+    return x_BxD, out

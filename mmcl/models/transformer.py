@@ -1,0 +1,152 @@
+"""Shared pre-norm Transformer pieces for the image and text towers.
+
+All modules take a compute `dtype` (e.g. jnp.bfloat16) and keep their
+parameters in float32, so mixed precision never touches the optimizer state.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+PARAM_DTYPE = jnp.float32
+
+# Same initialisers as big_vision's ViT: xavier kernels, near-zero MLP biases.
+_KERNEL_INIT = nn.initializers.xavier_uniform()
+_MLP_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
+
+
+def canonical_dtype(dtype: Dtype) -> jnp.dtype:
+  """Accepts 'bfloat16' / jnp.bfloat16 / np.dtype and returns a jnp dtype."""
+  return jnp.dtype(dtype)
+
+
+def _attention(num_heads: int, dtype: Dtype, name: str | None = None):
+  # Softmax in float32 keeps bf16 attention close to the fp32 reference.
+  return nn.MultiHeadDotProductAttention(
+      num_heads=num_heads,
+      dtype=dtype,
+      param_dtype=PARAM_DTYPE,
+      kernel_init=_KERNEL_INIT,
+      force_fp32_for_softmax=True,
+      name=name)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense, back to the input width."""
+  mlp_dim: int | None = None  # Defaults to 4x the input width.
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, deterministic: bool = True):
+    d = x_BxLxD.shape[-1]
+    dense = lambda n: nn.Dense(  # pylint: disable=g-long-lambda
+        n, dtype=self.dtype, param_dtype=PARAM_DTYPE,
+        kernel_init=_KERNEL_INIT, bias_init=_MLP_BIAS_INIT)
+    x_BxLxF = nn.gelu(dense(self.mlp_dim or 4 * d)(x_BxLxD))
+    x_BxLxF = nn.Dropout(rate=self.dropout)(x_BxLxF, deterministic)
+    return dense(d)(x_BxLxF)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True):
+    """`mask` is boolean, broadcastable to [B, heads, L, L]; True = attend."""
+    ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE)
+    y = ln()(x_BxLxD)
+    y = _attention(self.num_heads, self.dtype)(
+        y, y, mask=mask, deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x_BxLxD = x_BxLxD + y
+
+    y = ln()(x_BxLxD)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                 dtype=self.dtype)(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return x_BxLxD + y
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` EncoderBlocks followed by a final LayerNorm."""
+  depth: int
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True):
+    block_cls = EncoderBlock
+    if self.remat:
+      # Recompute block activations in the backward pass; `deterministic`
+      # (arg 3, counting self) is a Python bool so it must be static.
+      block_cls = nn.remat(EncoderBlock, static_argnums=(3,))
+    for i in range(self.depth):
+      x_BxLxD = block_cls(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+          dropout=self.dropout, dtype=self.dtype,
+          name=f'encoderblock_{i}')(x_BxLxD, mask, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE,
+                        name='encoder_norm')(x_BxLxD)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    b, _, d = x_BxLxD.shape
+    probe_1x1xD = self.param('probe', _KERNEL_INIT, (1, 1, d), PARAM_DTYPE)
+    probe_Bx1xD = jnp.tile(probe_1x1xD, (b, 1, 1)).astype(self.dtype)
+    x_Bx1xD = _attention(self.num_heads, self.dtype)(
+        probe_Bx1xD, x_BxLxD, deterministic=True)
+    y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE)(x_Bx1xD)
+    x_Bx1xD = x_Bx1xD + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
+    return x_Bx1xD[:, 0]
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a (possibly abstract) param tree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+# Tower sizes shared by the image and text towers: (width, depth, mlp, heads).
+VARIANTS = {
+    'pico': dict(width=64, depth=2, mlp_dim=256, num_heads=2),
+    'nano': dict(width=128, depth=4, mlp_dim=512, num_heads=4),
+    'Ti': dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    'S': dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    'M': dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    'B': dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    'L': dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    'H': dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    'So400m': dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
+}
+
+
+def merge_hparams(kind: str, base: dict, overrides: dict) -> dict:
+  """Overrides (when not None) win over `base`; every key must end up set."""
+  hp = dict(base)
+  hp.update({k: v for k, v in overrides.items() if v is not None})
+  missing = sorted(k for k in overrides if hp.get(k) is None)
+  if missing:
+    raise ValueError(
+        f'{kind}: missing {missing}; give a variant (one of '
+        f'{", ".join(VARIANTS)}) or set these fields explicitly.')
+  if hp['width'] % hp['num_heads']:
+    raise ValueError(f'{kind}: width {hp["width"]} is not divisible by '
+                     f'num_heads {hp["num_heads"]}.')
+  return hp

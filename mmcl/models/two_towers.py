@@ -1,0 +1,93 @@
+"""Image-text two-tower model (CLIP / SigLIP) with learned temperature/bias."""
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmcl.models import text as text_lib
+from mmcl.models import transformer
+from mmcl.models import vit
+
+# Set by TwoTowers itself, so the tower dicts may not carry them.
+_RESERVED = ('num_classes', 'dtype', 'name', 'parent')
+
+
+def l2_normalize(x_BxD):
+  """Unit-norm rows, computed in float32."""
+  x_BxD = x_BxD.astype(jnp.float32)
+  sq_Bx1 = jnp.sum(jnp.square(x_BxD), axis=-1, keepdims=True)
+  return x_BxD * jax.lax.rsqrt(jnp.maximum(sq_Bx1, 1e-12))
+
+
+class TwoTowers(nn.Module):
+  """Embeds images ('img', a ViT) and texts ('txt', a TextTransformer).
+
+  Params: {'img': {..., 'head'}, 'txt': {..., 'head'}, 't': (), ['b': ()]}.
+  `t` is log(scale); the scale used is exp(min(t, log(max_temperature))).
+  """
+  image: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  text: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  embed_dim: int = 512
+  temperature_init: float = 10.0  # Initial scale, e.g. 1/0.07 for CLIP.
+  max_temperature: float | None = None  # CLIP: 100.0.
+  bias_init: float | None = None  # SigLIP: -10.0; None = no `b` param.
+  dtype: str = 'float32'  # Compute dtype; params and outputs stay float32.
+  remat: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.temperature_init <= 0:
+      raise ValueError(
+          f'temperature_init must be > 0, got {self.temperature_init}.')
+    if self.max_temperature is not None and self.max_temperature <= 0:
+      raise ValueError(
+          f'max_temperature must be > 0, got {self.max_temperature}.')
+    transformer.canonical_dtype(self.dtype)
+    # Build detached towers once so bad variants/fields fail here, not in jit.
+    self._tower(vit.ViT, self.image, 'image', parent=None)
+    self._tower(text_lib.TextTransformer, self.text, 'text', parent=None)
+
+  def _tower(self, cls, cfg, what, **kw):
+    cfg = dict(cfg or {})
+    bad = [k for k in cfg if k in _RESERVED]
+    if bad:
+      raise ValueError(f'TwoTowers.{what} may not set {bad}: TwoTowers sets '
+                       'them (head size = embed_dim, dtype = model dtype).')
+    fields = {f.name for f in dataclasses.fields(cls)} - set(_RESERVED)
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+      raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.{what}; '
+                       f'valid: {sorted(fields)}')
+    # A tower's own `remat` may turn remat on for that tower alone.
+    cfg['remat'] = bool(cfg.get('remat', False) or self.remat)
+    cfg['dtype'] = self.dtype
+    return cls(**cfg, num_classes=self.embed_dim, **kw)
+
+  @nn.compact
+  def __call__(self, image, text, *, train: bool = False):
+    out = {}
+    zimg_BxD = ztxt_BxD = None
+    if image is not None:
+      zimg, img_out = self._tower(vit.ViT, self.image, 'image', name='img')(
+          image, train=train)
+      zimg_BxD = l2_normalize(zimg)
+      out.update({f'img/{k}': v for k, v in img_out.items()})
+    if text is not None:
+      ztxt, txt_out = self._tower(
+          text_lib.TextTransformer, self.text, 'text', name='txt')(
+              text, train=train)
+      ztxt_BxD = l2_normalize(ztxt)
+      out.update({f'txt/{k}': v for k, v in txt_out.items()})
+
+    t = self.param('t', lambda _: jnp.log(
+        jnp.asarray(self.temperature_init, jnp.float32)))
+    if self.max_temperature is not None:
+      t = jnp.minimum(t, math.log(self.max_temperature))
+    out['t'] = jnp.exp(t).astype(jnp.float32)
+    if self.bias_init is not None:
+      out['b'] = self.param(
+          'b', lambda _: jnp.asarray(self.bias_init, jnp.float32))
+    return zimg_BxD, ztxt_BxD, out

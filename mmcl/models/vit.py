@@ -1,0 +1,119 @@
+"""Vision Transformer image tower."""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmcl.models import transformer
+
+POOLS = ('tok', 'gap', 'map')
+
+
+def decode_variant(variant: str | None) -> dict:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+  patch_size=16). 'B' alone leaves patch_size out; None gives {}."""
+  if variant is None:
+    return {}
+  valid = (f'valid: {", ".join(transformer.VARIANTS)}, written NAME/PATCH '
+           "like 'B/16'")
+  name, _, patch = str(variant).partition('/')
+  if name not in transformer.VARIANTS:
+    raise ValueError(f'Unknown ViT variant {variant!r}; {valid}')
+  hp = dict(transformer.VARIANTS[name])
+  if patch:
+    if not patch.isdigit() or int(patch) <= 0:
+      raise ValueError(f'Bad patch size in ViT variant {variant!r}; {valid}')
+    hp['patch_size'] = int(patch)
+  return hp
+
+
+def resolve_hparams(variant=None, width=None, depth=None, mlp_dim=None,
+                    num_heads=None, patch_size=None) -> dict:
+  """Variant table entry with the explicit (non-None) fields overriding it."""
+  return transformer.merge_hparams(
+      'ViT', decode_variant(variant),
+      dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+           patch_size=patch_size))
+
+
+class ViT(nn.Module):
+  """ViT: patchify -> (+pos, [cls]) -> pre-norm encoder -> pool -> head.
+
+  Position embeddings are sized from the image seen at init, so apply must
+  use the same resolution.
+  """
+  variant: str | None = None
+  num_classes: int | None = None  # Output (embedding) dim; None = no head.
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: int | None = None
+  pool: str = 'gap'
+  class_token: bool | None = None  # None: only when pool == 'tok'.
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Any = 'float32'
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.hparams()  # Fail at construction time, not inside jit.
+    if self.pool not in POOLS:
+      raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
+    if self.pool == 'tok' and self.class_token is False:
+      raise ValueError("ViT pool='tok' needs class_token=True (or None).")
+
+  def hparams(self) -> dict:
+    return resolve_hparams(self.variant, self.width, self.depth, self.mlp_dim,
+                           self.num_heads, self.patch_size)
+
+  @nn.compact
+  def __call__(self, image_BxHxWx3, *, train: bool = False):
+    hp = self.hparams()
+    dtype = transformer.canonical_dtype(self.dtype)
+    p, d = hp['patch_size'], hp['width']
+    out = {}
+
+    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+                param_dtype=transformer.PARAM_DTYPE, name='embedding')(
+                    image_BxHxWx3.astype(dtype))
+    b, h, w, _ = x.shape
+    x_BxNxD = jnp.reshape(x, (b, h * w, d))
+
+    pos_1xNxD = self.param(
+        'pos_embedding', nn.initializers.normal(stddev=1 / math.sqrt(d)),
+        (1, h * w, d), transformer.PARAM_DTYPE)
+    x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
+
+    use_cls = self.pool == 'tok' if self.class_token is None else (
+        self.class_token)
+    if use_cls:
+      cls_1x1xD = self.param('cls', nn.initializers.zeros, (1, 1, d),
+                             transformer.PARAM_DTYPE)
+      cls_Bx1xD = jnp.tile(cls_1x1xD, (b, 1, 1)).astype(dtype)
+      x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
+
+    x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
+    x_BxNxD = transformer.Encoder(
+        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype,
+        name='Transformer')(x_BxNxD, deterministic=not train)
+    out['encoded'] = x_BxNxD
+
+    if self.pool == 'tok':
+      x_BxD = x_BxNxD[:, 0]
+    elif self.pool == 'gap':
+      # Average over patch tokens only; the class token (if any) is skipped.
+      x_BxD = jnp.mean(x_BxNxD[:, int(use_cls):], axis=1)
+    else:  # 'map'
+      x_BxD = transformer.MAPHead(
+          mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'], dtype=dtype,
+          name='MAPHead_0')(x_BxNxD)
+    out['pre_logits'] = x_BxD
+
+    if self.num_classes is not None:
+      x_BxD = nn.Dense(self.num_classes, dtype=dtype,
+                       param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
+      out['logits'] = x_BxD
+    return x_BxD, out

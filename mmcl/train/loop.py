@@ -1,0 +1,149 @@
+"""The training loop: setup, sharded steps, logging, evaluation, checkpoints and resume.
+
+The loop holds no math: `mmcl.train.step.train_step` is the whole update. Step N-1's
+metrics are read only after step N is dispatched, so the host never stalls the device.
+"""
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmcl import checkpoint as checkpoint_lib
+from mmcl import evaluate, losses, models
+from mmcl.data import input_pipeline
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.train import metrics as metrics_lib
+from mmcl.train import optim, step as step_lib
+from mmcl.train import validate as validate_lib
+
+
+def _batch_shapes(config, mesh) -> dict:
+  b = config.batch_size
+  size = config.image_size  # The image side after preprocessing; checked on batch 1.
+  sharding = mesh_lib.batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
+          'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+
+
+def _print_table(metrics: dict):
+  if jax.process_index() != 0 or not metrics:
+    return
+  width = max(len(k) for k in metrics)
+  print('\nFinal metrics', flush=True)
+  for k in sorted(metrics):
+    print(f'  {k:<{width}}  {metrics[k]:.4f}', flush=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  mesh = validate_lib.validate(config)  # Everything a bad config can break, before compiling.
+  model = models.get_model(config.model)
+  loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
+                                **{k: v for k, v in config.loss.items()
+                                   if k not in ('name', 'impl')})
+  batch_shapes = _batch_shapes(config, mesh)
+  rng = jax.random.key(config.seed)
+
+  params_shape = jax.eval_shape(
+      lambda: model.init({'params': rng}, *[jax.numpy.zeros(s.shape, s.dtype)
+                                            for s in batch_shapes.values()])['params'])
+  tx = optim.make_optimizer(config, params_shape)
+  schedule = optim.make_schedule(config)
+  abstract_state, state_sharding = step_lib.state_shardings(
+      model, tx, rng, batch_shapes, mesh, config.sharding_rules)
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep, every=config.ckpt_every)
+  start = ckpt.latest_step()
+  if start is None:
+    state = jax.jit(lambda r: step_lib.init_state(model, tx, r, batch_shapes),
+                    out_shardings=state_sharding)(rng)
+    start = 0
+  else:
+    state = ckpt.restore(abstract_state, state_sharding, start)
+    if jax.process_index() == 0:
+      print(f'Resumed from step {start} in {ckpt.directory}', flush=True)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+
+  # The data stream is reseeded by the start step, so a resumed run does not replay the
+  # batches it already trained on. (Exact-position resume is tracked separately.)
+  ds = input_pipeline.get_dataset(
+      name=config.input.name, split=config.input.split,
+      pp=input_pipeline.format_pp(config.input.pp, config),
+      batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
+      shuffle_buffer=config.input.shuffle_buffer, seed=config.seed + start,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      cache=config.input.cache)
+  batches = input_pipeline.global_batches(ds, mesh_lib.batch_sharding(mesh))
+
+  train_step = step_lib.jit_train_step(model, tx, loss_fn, schedule, config.seed,
+                                       state_sharding, mesh_lib.batch_sharding(mesh), mesh)
+  evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
+
+  def run_evals(step, final=False):
+    results = {}
+    for name, (evaluator, every) in evaluators.items():
+      if final or (every and step % every == 0 and step != config.total_steps):
+        results.update(evaluator.run(state['params']))
+    if results:
+      writer.write(step, results)
+    return results
+
+  logger = _TrainLogger(config, writer, start)
+  for step in range(start + 1, config.total_steps + 1):
+    batch = next(batches)
+    if step == start + 1:
+      validate_lib.check_batch(batch, batch_shapes)
+    state, metrics = train_step(state, batch)
+    logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
+    ckpt.save(step, state)
+    run_evals(step)
+  logger.close()
+  final = run_evals(config.total_steps, final=True)
+  ckpt.save(config.total_steps, state, force=True)
+  ckpt.close()
+  writer.close()
+  _print_table(final)
+  return final
+
+
+class _TrainLogger:
+  """Progress bar and periodic train metrics, read one step late to keep dispatch async."""
+
+  def __init__(self, config, writer, start: int):
+    self.config, self.writer = config, writer
+    self.pending = None
+    self.t_last, self.step_last = time.perf_counter(), start
+    self.bar = None
+    if config.progress_bar and jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=config.total_steps, initial=start, desc='train', dynamic_ncols=True)
+
+  def dispatched(self, step: int, metrics):
+    if self.pending is not None:
+      self._log(*self.pending)
+    self.pending = (step, metrics)
+
+  def close(self):
+    if self.pending is not None:
+      self._log(*self.pending)
+    if self.bar is not None:
+      self.bar.close()
+
+  def _log(self, step, metrics):
+    if self.bar is not None:
+      self.bar.update(1)
+    if step % self.config.log_every and step != self.config.total_steps:
+      return
+    metrics = jax.device_get(metrics)
+    loss = float(metrics['train/loss'])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'Non-finite train/loss {loss} at step {step}.')
+    now = time.perf_counter()
+    steps_per_sec = (step - self.step_last) / max(now - self.t_last, 1e-9)
+    self.t_last, self.step_last = now, step
+    metrics['train/steps_per_sec'] = steps_per_sec
+    metrics['train/examples_per_sec'] = steps_per_sec * self.config.batch_size
+    self.writer.write(step, metrics)
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f'{loss:.3f}', steps_s=f'{steps_per_sec:.2f}', refresh=False)

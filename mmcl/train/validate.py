@@ -1,0 +1,49 @@
+"""Config checks that run before anything compiles: each error names the bad value and
+the valid choices."""
+import jax
+import ml_collections
+
+from mmcl import evaluate, losses, models
+from mmcl.data import input_pipeline, preprocess
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.parallel import partition
+
+
+def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """Checks `config` and returns the mesh it describes."""
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  shards = mesh_lib.num_batch_shards(mesh)
+  if config.batch_size % shards:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} does not divide over the {shards} batch shards '
+        f'of config.mesh={list(map(tuple, config.mesh))}; use a multiple of {shards}.')
+  if config.batch_size % jax.process_count():
+    raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
+                     f'{jax.process_count()} processes.')
+  if not 0 < config.total_steps:
+    raise ValueError(f'config.total_steps={config.total_steps} must be positive.')
+  models.get_model(config.model)  # Unknown model names, variants and fields.
+  spec = losses.get_loss(config.loss.name, config.loss.impl)
+  if spec.needs_bias and config.model.get('bias_init') is None:
+    raise ValueError(f'config.loss.name={config.loss.name!r} needs a learned bias: set '
+                     'config.model.bias_init (SigLIP: -10.0).')
+  preprocess.get_preprocess_fn(input_pipeline.format_pp(config.input.pp, config))
+  for cfg in config.evals.values():
+    if 'pp_img' in cfg:
+      preprocess.get_preprocess_fn(input_pipeline.format_pp(cfg.pp_img, config))
+  evaluate.check_types(config.evals)
+  partition.validate_rules(config.sharding_rules)
+  return mesh
+
+
+def check_batch(batch: dict, expected: dict):
+  """The first batch must match the shapes the train step was built for."""
+  for key, want in expected.items():
+    if key not in batch:
+      raise ValueError(f'The input pipeline yields no {key!r} (keys: {sorted(batch)}); '
+                       'check config.input.pp.')
+    got = batch[key]
+    if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+      hint = 'config.image_size' if key == 'image' else 'config.text_len'
+      raise ValueError(f'Batch {key!r} has shape {tuple(got.shape)} {got.dtype}, expected '
+                       f'{tuple(want.shape)} {want.dtype}: check {hint} and config.input.pp.')

@@ -1,0 +1,34 @@
+"""mmcl: multimodal contrastive learning in JAX/Flax (CLIP, SigLIP, LIMoE)."""
+import setuptools
+
+# Ranges are the ones tested here (Python 3.11, CPU): widen only after testing.
+INSTALL_REQUIRES = [
+    "jax>=0.10.0,<0.11",
+    "jaxlib>=0.10.0,<0.11",
+    "flax>=0.12.0,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.12.0,<0.13",
+    "chex>=0.1.90,<0.2",
+    "einops>=0.8,<0.9",
+    "ml-collections>=1.0,<2",
+    "absl-py>=2.0,<3",
+    "numpy>=2.0,<3",
+    "tensorflow-cpu>=2.20,<2.22",
+    "tensorflow-datasets>=4.9.8,<4.10",
+    "sentencepiece>=0.2,<0.3",
+    "tensorboardX>=2.6,<3",
+    "tqdm>=4.66,<5",
+]
+
+setuptools.setup(
+    name="mmcl",
+    version="0.1.0",
+    description="Multimodal contrastive learning (CLIP, SigLIP, LIMoE) in JAX/Flax.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["mmcl", "mmcl.*"]),
+    package_data={"mmcl": ["**/*.txt", "**/*.json"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
+)
