@@ -20,8 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.cache = False
   c.input.pp = ''  # Set by recipes; see mmcl/data/preprocess.py for the ops.
 
-  c.mesh = [('data', -1)]
-  c.sharding_rules = [('.*', 'fsdp')]  # 'fsdp' is a no-op without an 'fsdp' mesh axis.
+  # Tuples (not lists) so that `--config.mesh="(('data', 4), ('fsdp', 2))"` can override.
+  c.mesh = (('data', -1),)
+  c.sharding_rules = (('.*', 'fsdp'),)  # 'fsdp' is a no-op without an 'fsdp' mesh axis.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'two_towers'

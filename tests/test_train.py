@@ -15,12 +15,7 @@ def tiny_config(data_dir, **overrides):
   c = demo.get_config('tiny')
   c.data_dir = data_dir
   c.progress_bar = False
-  for key, value in overrides.items():
-    target = c
-    *path, leaf = key.split('.')
-    for p in path:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

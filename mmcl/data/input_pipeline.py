@@ -41,11 +41,15 @@ def _default_data_dir() -> str:
   return os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
 
 
-def process_split(builder, split: str, process_index: int, process_count: int) -> str:
-  """This process's equal share of `split` (a TFDS split expression)."""
+def process_split(split: str, process_index: int, process_count: int, train: bool) -> str:
+  """This process's share of `split` (a TFDS split expression).
+
+  Training drops the remainder so every process streams equal shares; evaluation keeps
+  every example (shares then differ by at most one).
+  """
   if process_count == 1:
     return split
-  return tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+  return tfds.even_splits(split, n=process_count, drop_remainder=train)[process_index]
 
 
 def _decoders(builder):
@@ -74,7 +78,7 @@ def get_dataset(*, name: str, split: str, pp: str, batch_size: int, data_dir=Non
     raise ValueError(f'Batch size {batch_size} does not divide over {process_count} processes.')
   pp_fn = preprocess.get_preprocess_fn(pp)  # Validates the pp string before any I/O.
   builder = get_builder(name, data_dir)
-  local_split = process_split(builder, split, process_index, process_count)
+  local_split = process_split(split, process_index, process_count, train)
   read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True)
   ds = builder.as_dataset(split=local_split, shuffle_files=train, decoders=_decoders(builder),
                           read_config=read_config)

@@ -31,7 +31,7 @@ COLOR_RGB = np.array([
 ], dtype=np.float32)
 
 # Diameter of an object as a fraction of the image side: (mean, jitter).
-SIZE_FRACTION = ((0.25, 0.02), (0.45, 0.03))
+SIZE_FRACTION = ((0.3, 0.02), (0.48, 0.03))
 
 # Position words -> (x, y) of the cell centre as a fraction of the image side.
 POSITIONS = {
@@ -266,7 +266,13 @@ def _a(word: str) -> str:
 
 
 def captions(objects: list) -> list:
-  """Differently worded captions; every one mentions every object."""
+  """Differently worded captions; every one mentions every object.
+
+  About half the captions name the shape without the position (some name nothing
+  but the shape): with position and colour in every caption, a batch has few
+  negatives that only shape tells apart, and contrastive training learns shape
+  last and slowly.
+  """
   size, color, shape, pos = _words(objects[0])
   if len(objects) == 1:
     return [
@@ -276,7 +282,9 @@ def captions(objects: list) -> list:
         f'{color} {shape}, {size}, {pos}',
         f'a {size} {shape} {_AT[pos]}',
         f'something {color} {_NEAR[pos]}',
-        f'{_a(color)} {color} object',
+        f'{_a(color)} {color} {shape}',
+        f'a {size} {shape}',
+        f'a {shape}',
     ]
   size2, color2, shape2, pos2 = _words(objects[1])
   a, a2 = _a(color), _a(color2)
@@ -288,6 +296,7 @@ def captions(objects: list) -> list:
       f'a {size} {color} {shape} and a {size2} {color2} {shape2}',
       f'{color} {shape}, {size}, {pos}; {color2} {shape2}, {size2}, {pos2}',
       f'{color} {shape} and {color2} {shape2}',
+      f'a {shape} and a {shape2}',
   ]
 
 
