@@ -6,7 +6,9 @@
   - 'gather': local rows against all-gathered columns, inside `jax.shard_map`.
 """
 # Importing the loss modules registers them.
-from mmcl.losses import sigmoid, softmax  # noqa: F401
+from mmcl.losses import (  # noqa: F401
+    align_uniform, auc, cwcl, dcl, focal, hard_negative, multi_positive, sigmoid, softmax,
+    symile)
 from mmcl.losses.distributed import contrastive_loss, make_loss_fn
 from mmcl.losses.registry import LossContext, get_loss, register_loss, registered_losses
 

@@ -6,6 +6,10 @@ batch axes with `ctx.psum`), so its result is replicated on every device. The sa
 function serves every distribution strategy: with `impl='global'` it runs on the whole
 batch outside `shard_map` and every collective in `ctx` is the identity.
 
+Per-row inputs other than the embeddings (group labels, a frozen tower's embeddings, a
+third modality) reach a loss as `ctx.extras`: arrays with a leading batch dimension,
+sharded like the embeddings, so `ctx.all_gather` gives their global rows.
+
 Adding a loss: write `mmcl/losses/my_loss.py` with a function decorated by
 `@register_loss('my_loss')`, import it in `mmcl/losses/__init__.py`, and set
 `config.loss.name = 'my_loss'`.
@@ -63,13 +67,15 @@ class LossContext:
   """What a loss needs besides its embeddings: temperature, bias and collectives.
 
   `axis_names` are the mesh axes the batch is sharded over (empty for `impl='global'`).
-  All collectives below are exact identities when `axis_names` is empty.
+  All collectives below are exact identities when `axis_names` is empty. `extras` holds
+  this device's rows of the per-row arrays passed to `make_loss_fn`'s `extras=`.
   """
   scale: jax.Array
   bias: jax.Array | None = None
   axis_names: tuple[str, ...] = ()
   impl: str = 'global'
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  extras: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
   @property
   def num_shards(self) -> int:
@@ -83,6 +89,13 @@ class LossContext:
     if not self.axis_names:
       return x
     return jax.lax.all_gather(x, self.axis_names, axis=0, tiled=True)
+
+  def extra(self, key: str, loss_name: str) -> jax.Array:
+    """`extras[key]`, or a clear error naming the loss that needs it."""
+    if key not in self.extras:
+      raise ValueError(f'The {loss_name!r} loss needs extras[{key!r}] (per-row arrays passed '
+                       f'as `loss_fn(..., extras={{...}})`); got keys {sorted(self.extras)}.')
+    return self.extras[key]
 
   def psum(self, x):
     return jax.lax.psum(x, self.axis_names) if self.axis_names else x
