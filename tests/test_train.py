@@ -24,10 +24,10 @@ def _train_rows(workdir):
 
 
 def test_loss_falls_and_final_evals_are_reported(shapes_data_dir, tmp_path):
-  c = tiny_config(shapes_data_dir, total_steps=40, log_every=1, ckpt_every=100)
+  c = tiny_config(shapes_data_dir, total_steps=80, log_every=1, ckpt_every=100)
   final = loop.run(c, str(tmp_path))
   losses = [r['train/loss'] for r in _train_rows(str(tmp_path))]
-  assert [r['step'] for r in _train_rows(str(tmp_path))] == list(range(1, 41))
+  assert [r['step'] for r in _train_rows(str(tmp_path))] == list(range(1, 81))
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
   for task in ('shape', 'color', 'combo'):
     assert 0.0 <= final[f'zeroshot/mmcl_shapes/{task}/top1'] <= 1.0

@@ -6,10 +6,12 @@ Running the same command again resumes from the latest checkpoint in the workdir
 import os
 import sys
 
+# Before anything imports TensorFlow (loading the config may): keep its C++ logs quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Make `configs` and `mmcl` importable when run from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py[:arg].',
@@ -20,7 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every save at INFO.
   import tensorflow as tf  # Keep tf.data off any accelerator: the model owns it.
   tf.config.set_visible_devices([], 'GPU')
   from mmcl.train import loop
