@@ -26,7 +26,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   dataset = 'mmcl_shapes/tiny' if tiny else 'mmcl_shapes'
 
   c = common.base_config()
-  c.total_steps = 20 if tiny else 1000
+  c.total_steps = 20 if tiny else 1300
   c.batch_size = 32 if tiny else 256
   c.image_size = 64
   c.text_len = 48  # Bytes; longer two-object captions are cut (EOS kept).
