@@ -71,23 +71,23 @@ def _ref_hard_negative(x, y, scale, extras, beta):
   return (one_direction(logits) + one_direction(logits.T)) / 2
 
 
+def _ref_soft_targets(logits, w):
+  """Both directions of the w-weighted mean of -log softmax over each row (w symmetric)."""
+  def one_direction(logits):
+    return jnp.mean(-jnp.sum(w * _log_softmax_rows(logits), 1) / jnp.sum(w, 1))
+  return (one_direction(logits) + one_direction(logits.T)) / 2
+
+
 def _ref_multi_positive(x, y, scale, extras, **_):
   labels = extras['labels']
   same = (labels[:, None] == labels[None, :]).astype(x.dtype)
-  def one_direction(logits):
-    return jnp.mean(-jnp.sum(same * _log_softmax_rows(logits), 1) / jnp.sum(same, 1))
-  logits = scale * x @ y.T
-  return (one_direction(logits) + one_direction(logits.T)) / 2
+  return _ref_soft_targets(scale * x @ y.T, same)
 
 
 def _ref_cwcl(x, y, scale, extras, **_):
   u = extras['frozen']
   u = u / jnp.sqrt(jnp.sum(u * u, axis=1, keepdims=True))
-  w = (1 + u @ u.T) / 2
-  def one_direction(logits):
-    return jnp.mean(-jnp.sum(w * _log_softmax_rows(logits), 1) / jnp.sum(w, 1))
-  logits = scale * x @ y.T
-  return (one_direction(logits) + one_direction(logits.T)) / 2
+  return _ref_soft_targets(scale * x @ y.T, (1 + u @ u.T) / 2)
 
 
 def _ref_symile(x, y, scale, extras, **_):

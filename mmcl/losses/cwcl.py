@@ -15,25 +15,14 @@ With `impl='gather'` the frozen rows are gathered too, for the b x B weight bloc
 import jax
 import jax.numpy as jnp
 
+from mmcl.losses import rows, softmax
 from mmcl.losses.registry import LossContext, register_loss
-
-
-def _weighted_rows(logits_bxB: jax.Array, weights_bxB: jax.Array) -> jax.Array:
-  """Sum over local rows of the weighted-average -log softmax of the row."""
-  log_p_bxB = jax.nn.log_softmax(logits_bxB, axis=1)
-  return -jnp.sum(jnp.sum(weights_bxB * log_p_bxB, axis=1) / jnp.sum(weights_bxB, axis=1))
 
 
 @register_loss('cwcl', impls=('global', 'gather'))
 def cwcl_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
   frozen_bxE = jax.lax.stop_gradient(ctx.extra('frozen', 'cwcl'))
-  _, batch = ctx.global_rows(zimg_bxD.shape[0])
-  zimg_BxD = ctx.all_gather(zimg_bxD)
-  ztxt_BxD = ctx.all_gather(ztxt_bxD)
   unit_bxE = frozen_bxE / jnp.linalg.norm(frozen_bxE, axis=1, keepdims=True)
-  unit_BxE = ctx.all_gather(unit_bxE)
-  weights_bxB = (1 + unit_bxE @ unit_BxE.T) / 2
-  i2t = _weighted_rows(ctx.scale * zimg_bxD @ ztxt_BxD.T, weights_bxB)
-  t2i = _weighted_rows(ctx.scale * ztxt_bxD @ zimg_BxD.T, weights_bxB)
-  i2t, t2i = ctx.psum(i2t) / batch, ctx.psum(t2i) / batch
-  return (i2t + t2i) / 2, {'loss_i2t': i2t, 'loss_t2i': t2i}
+  weights_bxB = (1 + unit_bxE @ ctx.all_gather(unit_bxE).T) / 2
+  return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, softmax.soft_target_rows,
+                                 targets_bxB=weights_bxB)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from mmcl.losses.registry import LossContext
 
-# f(logits_bxB, is_pos_bxB) -> sum over the b local rows.
+# f(logits_bxB, targets_bxB) -> sum over the b local rows; targets default to the positives mask.
 RowFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -24,17 +24,20 @@ def positives_mask(ctx: LossContext, local_rows: int) -> jax.Array:
 
 
 def symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, row_fn: RowFn,
-                       pairs_per_row: int | None = None):
+                       pairs_per_row: int | None = None, targets_bxB=None):
   """(loss, metrics): the mean of `row_fn` over image rows and over text rows.
 
   The sums are divided by the global batch, times `pairs_per_row` when the row function
-  sums over pairs rather than returning one term per row.
+  sums over pairs rather than returning one term per row. `targets_bxB` (default: the
+  positives mask) is passed to `row_fn` in both directions, so it must be symmetric in
+  the pair (i, j), as shared labels and similarity weights are.
   """
   b = zimg_bxD.shape[0]
   _, batch = ctx.global_rows(b)
-  is_pos_bxB = positives_mask(ctx, b)
-  i2t = row_fn(ctx.scale * zimg_bxD @ ctx.all_gather(ztxt_bxD).T, is_pos_bxB)
-  t2i = row_fn(ctx.scale * ztxt_bxD @ ctx.all_gather(zimg_bxD).T, is_pos_bxB)
+  if targets_bxB is None:
+    targets_bxB = positives_mask(ctx, b)
+  i2t = row_fn(ctx.scale * zimg_bxD @ ctx.all_gather(ztxt_bxD).T, targets_bxB)
+  t2i = row_fn(ctx.scale * ztxt_bxD @ ctx.all_gather(zimg_bxD).T, targets_bxB)
   normaliser = batch * (pairs_per_row or 1)
   i2t, t2i = ctx.psum(i2t) / normaliser, ctx.psum(t2i) / normaliser
   return (i2t + t2i) / 2, {'loss_i2t': i2t, 'loss_t2i': t2i}

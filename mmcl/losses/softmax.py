@@ -21,6 +21,12 @@ def cross_entropy_rows(logits_bxB: jax.Array, is_pos_bxB: jax.Array) -> jax.Arra
   return jnp.sum(jax.nn.logsumexp(logits_bxB, axis=1) - positives_b)
 
 
+def soft_target_rows(logits_bxB: jax.Array, weights_bxB: jax.Array) -> jax.Array:
+  """Sum over local rows of the weight-averaged -log softmax(row): several or soft targets."""
+  log_p_bxB = jax.nn.log_softmax(logits_bxB, axis=1)
+  return -jnp.sum(jnp.sum(weights_bxB * log_p_bxB, axis=1) / jnp.sum(weights_bxB, axis=1))
+
+
 @register_loss('softmax', impls=('global', 'gather'))
 def softmax_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
   return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, cross_entropy_rows)
