@@ -52,6 +52,8 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
       'train/lr': schedule(state['step']),
       'train/t': out['t'],
       **{f'train/{k}': v for k, v in loss_metrics.items()},
+      # Model diagnostics (e.g. MoE expert utilisation), scalars named by the model.
+      **{f'train/{k}': v for k, v in out.get('metrics', {}).items()},
   }
   if 'b' in out:
     metrics['train/b'] = out['b']
