@@ -1,0 +1,376 @@
+"""Sparse mixture-of-experts MLP: V-MoE routing, LIMoE entropy losses, expert parallelism.
+
+Tokens are routed in groups of `group_size` (G groups of S tokens, E experts, buffer C per
+expert and group, M model width, H expert width):
+  gates_GxSxE = softmax(x_GxSxM @ router_MxE [+ noise in training])
+  top-k experts per token; capacity C = ceil(S * k * capacity_factor / E); buffer places
+  go to all top-1 choices before any top-2 choice, in token order or, with Batch
+  Prioritized Routing (bpr), in order of decreasing top-1 gate. Choices past capacity are
+  dropped: a token with no place gets a zero MoE output, so its residual passes through.
+  y = sum_k gate_k * Expert_k(x).
+Auxiliary losses (each weighted by its own config field, summed into `aux['loss']`):
+  importance: CV(sum over a group's tokens of gates)^2, mean over groups (V-MoE);
+  load: CV(P(expert e among a token's top-k under the gating noise))^2, mean over groups;
+    without noise (eval, noise_std=0) the observed top-k fractions, which have no gradient;
+  local entropy: mean over the call's tokens of H(p(.|token)) (LIMoE; minimised);
+  global entropy: max(0, tau - H(mean over the call's tokens of p(.|token))) (LIMoE).
+Importance and entropies use the clean router probabilities p = softmax(x @ router).
+One call sees one modality (LIMoE runs images and texts through the encoder separately),
+so the entropy losses and metrics are per modality by construction.
+
+Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis of size
+n > 1, the layer runs in one `shard_map` over all mesh axes: each device routes its own
+tokens (groups never cross devices), sends each expert's buffers to the device holding
+that expert with `all_to_all` over the expert axis, applies its E/n experts and sends the
+results back. Expert weights are sharded over the expert axis (rules in configs/limoe_*),
+the batch over the batch axes (data, fsdp, expert). Without such a mesh it is plain code
+(and the compiler partitions it from the parameter shardings).
+"""
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mmcl.models import transformer
+
+MODALITIES = ('image', 'text')
+BATCH_AXES = ('data', 'fsdp', 'expert')  # As mmcl.parallel.mesh.BATCH_AXES.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MoeSpec:
+  """MoE hyperparameters; built from a config dict by `MoeSpec.make`."""
+  num_experts: int = 8
+  k: int = 1
+  capacity_factor: float = 1.0
+  eval_capacity_factor: float | None = None  # None: capacity_factor.
+  group_size: int = 256  # Tokens per routing group (see `group_size_for`).
+  bpr: bool = True  # Batch Prioritized Routing.
+  noise_std: float | None = None  # Gating noise std in training; None: 1 / num_experts.
+  every: int = 2  # MoE in layers every-1, 2*every-1, ... (V-MoE 'every 2').
+  layers: tuple[int, ...] | None = None  # Explicit MoE layer indices; wins over `every`.
+  mlp_dim: int | None = None  # Expert hidden width; None: the encoder's mlp_dim.
+  importance_weight: float = 0.0
+  load_weight: float = 0.0
+  # The entropy weights and tau may be one float or {'image': w, 'text': w}.
+  local_entropy_weight: Any = 0.0
+  global_entropy_weight: Any = 0.0
+  global_entropy_tau: Any = None  # None: log(num_experts), i.e. always push to uniform.
+  expert_axis: str = 'expert'
+
+  @classmethod
+  def make(cls, cfg) -> 'MoeSpec':
+    """From a MoeSpec, dict, FrozenDict or ConfigDict-converted mapping; validated."""
+    if isinstance(cfg, MoeSpec):
+      return cfg
+    cfg = dict(cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+      raise ValueError(f'Unknown MoE field(s) {unknown}; valid: {sorted(fields)}')
+    if cfg.get('layers') is not None:
+      cfg['layers'] = tuple(int(i) for i in cfg['layers'])
+    spec = cls(**cfg)
+    spec.validate()
+    return spec
+
+  def validate(self):
+    checks = [
+        (self.num_experts >= 1, f'num_experts={self.num_experts} must be >= 1'),
+        (1 <= self.k <= self.num_experts,
+         f'k={self.k} must be in [1, num_experts={self.num_experts}]'),
+        (self.capacity_factor > 0, f'capacity_factor={self.capacity_factor} must be > 0'),
+        (self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+         f'eval_capacity_factor={self.eval_capacity_factor} must be > 0 or None'),
+        (self.group_size >= 1, f'group_size={self.group_size} must be >= 1'),
+        (self.noise_std is None or self.noise_std >= 0,
+         f'noise_std={self.noise_std} must be >= 0 or None'),
+        (self.every >= 1, f'every={self.every} must be >= 1'),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(f'Bad MoE config: {msg}.')
+    for name in ('local_entropy_weight', 'global_entropy_weight', 'global_entropy_tau'):
+      v = getattr(self, name)
+      if isinstance(v, Mapping) and set(v) - set(MODALITIES):
+        raise ValueError(f'MoE {name} has keys {sorted(v)}; valid: {MODALITIES}.')
+
+  def layer_ids(self, depth: int) -> tuple[int, ...]:
+    if self.layers is None:
+      return tuple(i for i in range(depth) if i % self.every == self.every - 1)
+    bad = [i for i in self.layers if not 0 <= i < depth]
+    if bad:
+      raise ValueError(f'MoE layers {bad} out of range for depth {depth}: valid 0..{depth - 1}.')
+    return tuple(sorted(set(self.layers)))
+
+  def per_modality(self, name: str, modality: str, default=0.0):
+    v = getattr(self, name)
+    return v.get(modality, default) if isinstance(v, Mapping) else v
+
+  def capacity(self, group_size: int, train: bool) -> int:
+    cf = self.capacity_factor if train or self.eval_capacity_factor is None else (
+        self.eval_capacity_factor)
+    return max(1, math.ceil(group_size * self.k * cf / self.num_experts))
+
+
+def group_size_for(num_tokens: int, group_size: int) -> int:
+  """The largest divisor of `num_tokens` (a device's tokens) that is <= group_size."""
+  for s in range(min(group_size, num_tokens), 0, -1):
+    if num_tokens % s == 0:
+      return s
+  return 1
+
+
+def route(gates_GxSxE, *, k: int, capacity: int, bpr: bool):
+  """Top-k routing with capacity. Returns (combine_GxSxExC, kept_GxSxK, experts_GxSxK).
+
+  Buffer places per expert go to every token's 1st choice before any 2nd choice; within a
+  rank, in token order, or by decreasing top-1 gate with BPR.
+  """
+  g, s, e = gates_GxSxE.shape
+  vals_GxSxK, experts_GxSxK = jax.lax.top_k(gates_GxSxE, k)
+  if bpr:
+    order_GxS = jnp.argsort(-vals_GxSxK[..., 0], axis=1, stable=True)
+  else:
+    order_GxS = jnp.broadcast_to(jnp.arange(s), (g, s))
+  sorted_GxSxK = jnp.take_along_axis(experts_GxSxK, order_GxS[..., None], axis=1)
+  # Rank-major flattening puts all 1st choices ahead of all 2nd choices.
+  onehot_GxKSxE = jax.nn.one_hot(
+      jnp.swapaxes(sorted_GxSxK, 1, 2).reshape(g, k * s), e, dtype=jnp.int32)
+  pos_GxKS = jnp.sum((jnp.cumsum(onehot_GxKSxE, axis=1) - 1) * onehot_GxKSxE, axis=-1)
+  pos_sorted_GxSxK = jnp.swapaxes(pos_GxKS.reshape(g, k, s), 1, 2)
+  inverse_GxS = jnp.argsort(order_GxS, axis=1)
+  pos_GxSxK = jnp.take_along_axis(pos_sorted_GxSxK, inverse_GxS[..., None], axis=1)
+  kept_GxSxK = pos_GxSxK < capacity
+  weight_GxSxK = jnp.where(kept_GxSxK, vals_GxSxK, 0.0)
+  combine_GxSxExC = jnp.einsum(
+      'gsk,gske,gskc->gsec', weight_GxSxK,
+      jax.nn.one_hot(experts_GxSxK, e, dtype=weight_GxSxK.dtype),
+      jax.nn.one_hot(pos_GxSxK, capacity, dtype=weight_GxSxK.dtype))
+  return combine_GxSxExC, kept_GxSxK, experts_GxSxK
+
+
+def _cv2(x_GxE):
+  """Squared coefficient of variation over experts, per group."""
+  return jnp.var(x_GxE, axis=-1) / jnp.square(jnp.mean(x_GxE, axis=-1) + 1e-9)
+
+
+def entropy(p_xE, axis=-1):
+  return -jnp.sum(p_xE * jnp.log(jnp.maximum(p_xE, 1e-9)), axis=axis)
+
+
+def expert_mlp(params, x_XxExCxM, dtype):
+  """The E expert MLPs on their buffers (any leading dims X)."""
+  wi, bi, wo, bo = (params[n].astype(dtype) for n in ('wi', 'bi', 'wo', 'bo'))
+  h = jnp.einsum('...ecm,emh->...ech', x_XxExCxM, wi) + bi[:, None, :]
+  return jnp.einsum('...ech,ehm->...ecm', nn.gelu(h), wo) + bo[:, None, :]
+
+
+def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
+              modality: str = 'image', expert_axis: str | None = None,
+              reduce_axes: tuple[str, ...] = ()):
+  """The MoE MLP on this device's tokens. Returns (y_BxLxM, stats, dropped_BxL).
+
+  params: router [M, E]; wi [E', M, H], bi [E', H], wo [E', H, M], bo [E', M], where
+  E' = E / (size of `expert_axis`) inside a shard_map, else E. `reduce_axes`: the mesh
+  axes the batch is split over, whose sums make the statistics global.
+  stats: scalars 'loss' (weighted sum), each loss, 'dropped', 'entropy', 'expert{e}'.
+  """
+  b, l, m = x_BxLxM.shape
+  e = spec.num_experts
+  s = group_size_for(b * l, spec.group_size)
+  g, c = b * l // s, spec.capacity(s, train)
+  x_GxSxM = x_BxLxM.reshape(g, s, m)
+  logits_GxSxE = jnp.einsum('gsm,me->gse', x_GxSxM.astype(jnp.float32),
+                            params['router'].astype(jnp.float32))
+  probs_GxSxE = jax.nn.softmax(logits_GxSxE)
+  noisy_GxSxE = logits_GxSxE
+  if noise_BxLxE is not None:
+    noisy_GxSxE = logits_GxSxE + noise_BxLxE.reshape(g, s, e).astype(jnp.float32)
+  gates_GxSxE = jax.nn.softmax(noisy_GxSxE)
+  combine_GxSxExC, kept_GxSxK, experts_GxSxK = route(
+      gates_GxSxE, k=spec.k, capacity=c, bpr=spec.bpr)
+
+  dtype = x_BxLxM.dtype
+  dispatch_GxSxExC = (combine_GxSxExC > 0).astype(dtype)
+  buf_GxExCxM = jnp.einsum('gsec,gsm->gecm', dispatch_GxSxExC, x_GxSxM)
+  if expert_axis is None:
+    out_GxExCxM = expert_mlp(params, buf_GxExCxM, dtype)
+  else:  # Each device gets its experts' buffers from every device of the expert axis.
+    buf_NGxElxCxM = jax.lax.all_to_all(buf_GxExCxM, expert_axis, 1, 0, tiled=True)
+    out_NGxElxCxM = expert_mlp(params, buf_NGxElxCxM, dtype)
+    out_GxExCxM = jax.lax.all_to_all(out_NGxElxCxM, expert_axis, 0, 1, tiled=True)
+  y_GxSxM = jnp.einsum('gsec,gecm->gsm', combine_GxSxExC.astype(dtype), out_GxExCxM)
+  dropped_GxS = ~jnp.any(kept_GxSxK, axis=-1)
+
+  # Statistics: sums over this device's tokens/groups, then over the batch axes.
+  topk_GxSxE = jnp.sum(jax.nn.one_hot(experts_GxSxK, e), axis=2)
+  if noise_BxLxE is not None and train:
+    # P(e in top-k) = P(logit_e + noise > k-th largest noisy logit), noise ~ N(0, std).
+    std = spec.noise_std if spec.noise_std is not None else 1.0 / e
+    kth_GxS = jax.lax.top_k(noisy_GxSxE, spec.k)[0][..., -1]
+    load_GxSxE = 1.0 - jax.scipy.stats.norm.cdf((kth_GxS[..., None] - logits_GxSxE) / std)
+  else:
+    load_GxSxE = topk_GxSxE  # Observed selections: a diagnostic without gradient.
+  sums = {
+      'importance_loss': jnp.sum(_cv2(jnp.sum(probs_GxSxE, axis=1))),
+      'load_loss': jnp.sum(_cv2(jnp.mean(load_GxSxE, axis=1))),
+      'groups': jnp.asarray(g, jnp.float32),
+      'tokens': jnp.asarray(g * s, jnp.float32),
+      'entropy': jnp.sum(entropy(probs_GxSxE)),
+      'dropped': jnp.sum(dropped_GxS.astype(jnp.float32)),
+      'mean_probs': jnp.sum(probs_GxSxE, axis=(0, 1)),
+      'top1': jnp.sum(jax.nn.one_hot(experts_GxSxK[..., 0], e), axis=(0, 1)),
+  }
+  if reduce_axes:
+    sums = jax.lax.psum(sums, reduce_axes)
+  n = sums['tokens']
+  mean_probs_E = sums['mean_probs'] / n
+  stats = {
+      'importance_loss': sums['importance_loss'] / sums['groups'],
+      'load_loss': sums['load_loss'] / sums['groups'],
+      'local_entropy_loss': sums['entropy'] / n,
+      'global_entropy': entropy(mean_probs_E),
+  }
+  tau = spec.per_modality('global_entropy_tau', modality, None)
+  tau = math.log(e) if tau is None else tau
+  stats['global_entropy_loss'] = jnp.maximum(0.0, tau - stats['global_entropy'])
+  stats['loss'] = sum(
+      spec.per_modality(f'{name}_weight', modality) * stats[f'{name}_loss']
+      for name in ('importance', 'load', 'local_entropy', 'global_entropy'))
+  stats['dropped'] = sums['dropped'] / n
+  stats['entropy'] = stats['local_entropy_loss']
+  stats.update({f'expert{i}': sums['top1'][i] / n for i in range(e)})
+  return y_GxSxM.reshape(b, l, m), stats, dropped_GxS.reshape(b, l)
+
+
+def ambient_expert_mesh(expert_axis: str):
+  """The `jax.set_mesh` mesh when it has `expert_axis` of size > 1, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(expert_axis, 1) <= 1:
+    return None
+  return mesh
+
+
+def moe_sharded(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
+                modality: str = 'image', mesh=None):
+  """`moe_apply` over a mesh with an expert axis: one shard_map, all_to_all dispatch."""
+  ax = spec.expert_axis
+  n = mesh.shape[ax]
+  if spec.num_experts % n:
+    raise ValueError(f'num_experts={spec.num_experts} does not divide over the {n} devices '
+                     f'of mesh axis {ax!r}; use a multiple of {n}.')
+  batch = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+  expert_specs = {'router': P(), 'wi': P(ax), 'bi': P(ax), 'wo': P(ax), 'bo': P(ax)}
+  fn = lambda p, x, z: moe_apply(  # pylint: disable=g-long-lambda
+      p, x, z, spec=spec, train=train, modality=modality, expert_axis=ax, reduce_axes=batch)
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=(expert_specs, P(batch), None if noise_BxLxE is None else P(batch)),
+      out_specs=(P(batch), P(), P(batch)))(params, x_BxLxM, noise_BxLxE)
+
+
+class MoeMlp(nn.Module):
+  """Router + E expert MLPs (stacked on a leading expert dim), replacing a block's MLP."""
+  spec: Any = None  # MoeSpec or its dict.
+  mlp_dim: int | None = None  # Used when spec.mlp_dim is None; default 4x width.
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxM, *, train: bool = False, modality: str = 'image'):
+    spec = MoeSpec.make(self.spec)
+    m, e = x_BxLxM.shape[-1], spec.num_experts
+    h = spec.mlp_dim or self.mlp_dim or 4 * m
+    kinit = transformer._KERNEL_INIT  # pylint: disable=protected-access
+    # Each expert's kernels are initialised like a dense MLP's (fan-in/out of one expert).
+    per_expert = lambda init: lambda k, shape, dt: jax.vmap(  # pylint: disable=g-long-lambda
+        lambda kk: init(kk, shape[1:], dt))(jax.random.split(k, shape[0]))
+    params = {
+        'router': self.param('router', nn.initializers.normal(stddev=0.02), (m, e),
+                             transformer.PARAM_DTYPE),
+        'wi': self.param('wi', per_expert(kinit), (e, m, h), transformer.PARAM_DTYPE),
+        'bi': self.param('bi', transformer._MLP_BIAS_INIT, (e, h),  # pylint: disable=protected-access
+                         transformer.PARAM_DTYPE),
+        'wo': self.param('wo', per_expert(kinit), (e, h, m), transformer.PARAM_DTYPE),
+        'bo': self.param('bo', transformer._MLP_BIAS_INIT, (e, m),  # pylint: disable=protected-access
+                         transformer.PARAM_DTYPE),
+    }
+    noise = None
+    std = spec.noise_std if spec.noise_std is not None else 1.0 / e
+    if train and std > 0:
+      noise = std * jax.random.normal(self.make_rng('dropout'), x_BxLxM.shape[:-1] + (e,))
+    mesh = ambient_expert_mesh(spec.expert_axis)
+    if mesh is None:
+      y, stats, _ = moe_apply(params, x_BxLxM, noise, spec=spec, train=train, modality=modality)
+    else:
+      y, stats, _ = moe_sharded(params, x_BxLxM, noise, spec=spec, train=train,
+                                modality=modality, mesh=mesh)
+    return y, stats
+
+
+class MoeEncoderBlock(nn.Module):
+  """Pre-norm block whose MLP is sparse: x + Attn(LN(x)), then x + MoE(LN(x))."""
+  spec: Any = None
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True, modality: str = 'image'):
+    ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE)
+    y = ln()(x_BxLxD)
+    y = transformer._attention(self.num_heads, self.dtype)(  # pylint: disable=protected-access
+        y, y, mask=mask, deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x_BxLxD = x_BxLxD + y
+    y, stats = MoeMlp(spec=self.spec, mlp_dim=self.mlp_dim, dtype=self.dtype, name='moe')(
+        ln()(x_BxLxD), train=not deterministic, modality=modality)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return x_BxLxD + y, stats
+
+
+class MoeEncoder(nn.Module):
+  """transformer.Encoder with MoE blocks at `spec.layer_ids(depth)`; same param names.
+
+  Returns (x, aux) with aux = {'loss': summed weighted aux losses,
+  'metrics': {'moe/layer{i}/{modality}/{name}': scalar}}.
+  """
+  depth: int
+  moe: Any = None  # MoeSpec or its dict.
+  mlp_dim: int | None = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True,
+               modality: str = 'image'):
+    if modality not in MODALITIES:
+      raise ValueError(f'Unknown modality {modality!r}; valid: {MODALITIES}')
+    spec = MoeSpec.make(self.moe)
+    moe_ids = spec.layer_ids(self.depth)
+    dense_cls, moe_cls = transformer.EncoderBlock, MoeEncoderBlock
+    if self.remat:
+      dense_cls = nn.remat(dense_cls, static_argnums=(3,))
+      moe_cls = nn.remat(moe_cls, static_argnums=(3, 4))
+    loss, metrics = 0.0, {}
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              dtype=self.dtype)
+    for i in range(self.depth):
+      name = f'encoderblock_{i}'
+      if i in moe_ids:
+        x_BxLxD, stats = moe_cls(spec=spec, name=name, **kw)(
+            x_BxLxD, mask, deterministic, modality)
+        loss = loss + stats.pop('loss')
+        metrics.update({f'moe/layer{i}/{modality}/{k}': v for k, v in stats.items()})
+      else:
+        x_BxLxD = dense_cls(name=name, **kw)(x_BxLxD, mask, deterministic)
+    x_BxLxD = nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE,
+                           name='encoder_norm')(x_BxLxD)
+    return x_BxLxD, {'loss': jnp.asarray(loss, jnp.float32), 'metrics': metrics}
