@@ -1,4 +1,8 @@
-"""Embedding functions for evaluators: jitted, batch-sharded, padded to full batches."""
+"""Embedding functions for evaluators: jitted, batch-sharded, padded to full batches.
+
+With several processes every process embeds its own share of a dataset (its local rows of
+each global batch); `host_sum` and `host_concat` combine per-process results.
+"""
 import jax
 import numpy as np
 
@@ -28,6 +32,8 @@ class Predictor:
     self._texts = jax.jit(embed_texts, in_shardings=(None, sharding), out_shardings=sharding)
 
   def _run(self, fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
+    if jax.process_count() > 1:
+      return self._run_multiprocess(fn, params, x, batch_size)
     batch_size = -(-batch_size // self._shards) * self._shards
     out = []
     for start in range(0, len(x), batch_size):
@@ -38,6 +44,23 @@ class Predictor:
         chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
       z = fn(params, jax.device_put(chunk, self._sharding))
       out.append(np.asarray(jax.device_get(z), np.float32)[:n])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  def _run_multiprocess(self, fn, params, x, batch_size):
+    """Each process passes its own rows; every process runs the same number of batches."""
+    local_shards = max(self._shards // jax.process_count(), 1)
+    local_bs = -(-max(batch_size // jax.process_count(), 1) // local_shards) * local_shards
+    steps = int(host_max(-(-len(x) // local_bs)))
+    out = []
+    for i in range(steps):
+      chunk = np.asarray(x[i * local_bs:(i + 1) * local_bs])
+      n = len(chunk)
+      pad = np.zeros((local_bs - n,) + tuple(np.shape(x)[1:]), np.asarray(x).dtype)
+      z = fn(params, jax.make_array_from_process_local_data(
+          self._sharding, np.concatenate([chunk, pad]) if n < local_bs else chunk))
+      shards = {s.index[0].start or 0: s.data for s in z.addressable_shards}  # Dedup replicas.
+      local = np.concatenate([np.asarray(shards[k], np.float32) for k in sorted(shards)])
+      out.append(local[:n])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
   def images(self, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -56,3 +79,75 @@ def topk_correct(logits_NxC: np.ndarray, labels_N: np.ndarray, k: int) -> np.nda
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def host_sum(x) -> np.ndarray:
+  """Sum over processes of a per-process numpy array (identity with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x))).sum(axis=0)
+
+
+def host_max(x) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x))).max(axis=0)
+
+
+def host_concat(x_NxD: np.ndarray) -> np.ndarray:
+  """Rows of every process, in process order (each process may hold a different count)."""
+  if jax.process_count() == 1:
+    return x_NxD
+  from jax.experimental import multihost_utils
+  x_NxD = np.asarray(x_NxD)
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(len(x_NxD))))
+  padded = np.zeros((int(counts.max()),) + x_NxD.shape[1:], x_NxD.dtype)
+  padded[:len(x_NxD)] = x_NxD
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([every[p, :c] for p, c in enumerate(counts)])
+
+
+def flat_features(batch: dict, prefix: str = '') -> dict:
+  """{'captions/text': [per-example values]} from a (nested, maybe ragged) numpy batch."""
+  out = {}
+  for k, v in batch.items():
+    if isinstance(v, dict):
+      out.update(flat_features(v, f'{prefix}{k}/'))
+    else:
+      out[prefix + k] = v.to_list() if hasattr(v, 'to_list') else list(v)
+  return out
+
+
+def eval_dataset(name: str, split: str, pp: str, batch_size: int, data_dir=None):
+  """One ordered pass over this process's share of a split, in batches of ~batch_size/P."""
+  from mmcl.data import input_pipeline  # Lazy: tf.data only for evaluators that read data.
+  p = jax.process_count()
+  return input_pipeline.get_dataset(
+      name=name, split=split, pp=pp, batch_size=-(-batch_size // p) * p, data_dir=data_dir,
+      train=False, process_index=jax.process_index(), process_count=p)
+
+
+def embed_dataset(predictor: Predictor, params, ds, batch_size: int, image_key: str = 'image'):
+  """(this process's image embeddings [N, D], {feature: list of N values}) of `ds`.
+
+  With several processes, a process whose share ran out embeds empty batches until every
+  share is done: each batch is a collective, so all processes must make the same calls.
+  """
+  zimg, features, empty = [], {}, None
+  it = ds.as_numpy_iterator()
+  while True:
+    batch = next(it, None)
+    if not host_max(batch is not None):
+      break
+    if batch is None:
+      zimg.append(predictor.images(params, empty, batch_size))
+      continue
+    images = batch.pop(image_key)
+    empty = np.zeros((0,) + images.shape[1:], images.dtype)
+    zimg.append(predictor.images(params, images, batch_size))
+    for k, v in flat_features(batch).items():
+      features.setdefault(k, []).extend(v)
+  zimg = [z for z in zimg if z.size]
+  return (np.concatenate(zimg) if zimg else np.zeros((0, 0), np.float32)), features

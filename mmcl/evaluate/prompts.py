@@ -1,14 +1,30 @@
-"""Class names and prompt templates, as named data sets or explicit lists.
+"""Class names, prompt templates and text normalisation for zero-shot classification.
 
-A task's `classnames` is a list of strings or 'tfds' (the names of the dataset's
-ClassLabel feature). `prompts` is a list of templates with one '{}' or the name of a set
-below.
+Named data ship with the package (mmcl/evaluate/classnames/*.txt, one entry a line):
+  classnames 'imagenet'   the 1,000 ImageNet-1k names as curated for CLIP (OpenAI's list,
+                          index = ImageNet label; it keeps CLIP's duplicate 'missile').
+  classnames 'tfds'       the names of the dataset's ClassLabel feature, '_' -> ' '.
+  prompts 'clip80'        the 80 ImageNet templates of the CLIP paper.
+  prompts 'clip7'         CLIP's 7-template subset (Prompt_Engineering_for_ImageNet.ipynb).
+  prompts 'classname'     the bare class name.
+  class subset 'imagenet_a' / 'imagenet_r': the 200 ImageNet indices of each benchmark.
+A classnames or prompts spec may also be an explicit list.
 """
 from collections.abc import Sequence
+import functools
+import os
+import string
 
-PROMPT_SETS = {
-    'classname': ('{}',),
-}
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classnames')
+_PROMPT_FILES = {'clip80': 'clip_templates_80.txt', 'clip7': 'clip_templates_7.txt'}
+_CLASSNAME_FILES = {'imagenet': 'imagenet.txt'}
+_SUBSET_FILES = {'imagenet_a': 'imagenet_a_indices.txt', 'imagenet_r': 'imagenet_r_indices.txt'}
+
+
+@functools.cache
+def _lines(filename: str) -> tuple[str, ...]:
+  with open(os.path.join(_DIR, filename), encoding='utf-8') as f:
+    return tuple(line.rstrip('\n') for line in f if line.strip())
 
 
 def _shape_sets():
@@ -16,15 +32,24 @@ def _shape_sets():
   return {f'mmcl_shapes/{task}': tuple(p) for task, p in shapes.PROMPTS.items()}
 
 
+def prompt_set_names() -> list[str]:
+  return sorted(['classname', *_PROMPT_FILES])
+
+
 def templates(spec: str | Sequence[str]) -> tuple[str, ...]:
   if not isinstance(spec, str):
     out = tuple(spec)
+  elif spec == 'classname':
+    out = ('{}',)
+  elif spec in _PROMPT_FILES:
+    out = _lines(_PROMPT_FILES[spec])
   else:
-    sets = {**PROMPT_SETS, **(_shape_sets() if spec.startswith('mmcl_shapes/') else {})}
-    if spec not in sets:
-      raise ValueError(f'Unknown prompt set {spec!r}; valid: {sorted(sets)} '
+    shape_sets = _shape_sets() if spec.startswith('mmcl_shapes/') else {}
+    if spec not in shape_sets:
+      raise ValueError(f'Unknown prompt set {spec!r}; valid: {prompt_set_names()}, '
+                       f'{sorted(shape_sets) or "mmcl_shapes/<task>"} '
                        '(or a list of templates with one {}).')
-    out = sets[spec]
+    out = shape_sets[spec]
   for t in out:
     if t.count('{}') != 1:
       raise ValueError(f'Prompt template {t!r} must contain exactly one {{}}.')
@@ -34,10 +59,41 @@ def templates(spec: str | Sequence[str]) -> tuple[str, ...]:
 def classnames(spec, builder, label_key: str) -> tuple[str, ...]:
   if not isinstance(spec, str):
     return tuple(spec)
+  if spec in _CLASSNAME_FILES:
+    return _lines(_CLASSNAME_FILES[spec])
   if spec != 'tfds':
-    raise ValueError(f"Unknown classnames source {spec!r}; valid: 'tfds' or a list of names.")
+    raise ValueError(f'Unknown classnames source {spec!r}; valid: '
+                     f"{['tfds', *_CLASSNAME_FILES]} or a list of names.")
   features = builder.info.features
-  if label_key not in features or not hasattr(features[label_key], 'names'):
+  feature = features[label_key] if label_key in features else None
+  feature = getattr(feature, 'feature', feature)  # Sequence(ClassLabel) for multi-label sets.
+  if not hasattr(feature, 'names'):
     raise ValueError(f'{builder.name} has no ClassLabel feature {label_key!r}; '
                      f'features: {sorted(features)}')
-  return tuple(n.replace('_', ' ') for n in features[label_key].names)
+  return tuple(n.replace('_', ' ') for n in feature.names)
+
+
+def class_subset(spec) -> tuple[int, ...] | None:
+  """Indices (into the full class list) a benchmark scores over, or None for all classes."""
+  if spec is None or not isinstance(spec, str):
+    return None if spec is None else tuple(int(i) for i in spec)
+  if spec not in _SUBSET_FILES:
+    raise ValueError(f'Unknown class subset {spec!r}; valid: {sorted(_SUBSET_FILES)} or a '
+                     'list of class indices.')
+  return tuple(int(i) for i in _lines(_SUBSET_FILES[spec]))
+
+
+_PUNCT = str.maketrans('', '', string.punctuation)
+
+
+def normalize(text: str, lowercase: bool = False, strip_punctuation: bool = False) -> str:
+  """The text protocol of a zero-shot run: optional lowercasing and ASCII punctuation removal.
+
+  Both default off (CLIP's protocol: prompts are embedded as written, e.g. 'a photo of a
+  {}.' with the class name's case). Punctuation removal collapses the spaces it leaves.
+  """
+  if lowercase:
+    text = text.lower()
+  if strip_punctuation:
+    text = ' '.join(text.translate(_PUNCT).split())
+  return text

@@ -1,83 +1,179 @@
 """Zero-shot classification: class names x prompt templates -> text classifiers.
 
-For each class, every prompt template is filled with the class name, embedded, and the
-L2-normalised embeddings are averaged and re-normalised (CLIP's prompt ensembling).
-Images are embedded once per run and scored against each task's classifier; a task may
-restrict itself to a subset of the images (`where`: feature -> allowed values).
+For each class, every prompt template is filled with the class name, normalised (the
+config's lowercasing / punctuation choice), embedded, and the L2-normalised embeddings are
+averaged and re-normalised (CLIP's prompt ensembling). A classifier is computed once per
+`run` (one checkpoint) and shared by every dataset with the same class names and templates,
+so ImageNet, -V2, -ReaL, -Sketch, -A and -R cost one text pass; -A and -R score over their
+200-class subset of the 1,000 ImageNet rows.
+
+`datasets` is a list of TFDS names (protocol from `DATASETS`, else `DEFAULT_PROTOCOL`) or of
+dicts overriding fields: dataset, name (metric name), split, pp_img, label_key, classnames,
+prompts, class_subset, multilabel, where, tasks. Metrics: `zeroshot/<name>/top1|top5`; a
+dataset with several label `tasks` (the synthetic shapes) reports `zeroshot/<name>/<task>/...`.
 """
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from mmcl.data import input_pipeline, tokenizers
+from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
 from mmcl.evaluate import prompts as prompts_lib
-from mmcl.evaluate.predict import Predictor, l2_normalize, topk_correct
+from mmcl.evaluate import predict
+from mmcl.evaluate.predict import Predictor, l2_normalize
+
+_IMAGENET = dict(label_key='label', classnames='imagenet', prompts='clip80')
+# Per-dataset protocol: the evaluation split, label feature, class names and subsets.
+DATASETS = {
+    'imagenet2012': dict(_IMAGENET, split='validation'),
+    'imagenet_v2': dict(_IMAGENET, split='test'),
+    # ReaL: "any correct" over the re-assessed label set; images with an empty set are skipped.
+    'imagenet2012_real': dict(_IMAGENET, split='validation', label_key='real_label',
+                              multilabel=True),
+    'imagenet_a': dict(_IMAGENET, split='test', class_subset='imagenet_a'),
+    'imagenet_r': dict(_IMAGENET, split='test', class_subset='imagenet_r'),
+    'imagenet_sketch': dict(_IMAGENET, split='test'),
+    'cifar10': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
+    'cifar100': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
+    'oxford_iiit_pet': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
+}
+DEFAULT_PROTOCOL = dict(split='test', label_key='label', classnames='tfds', prompts='classname')
+_TASK_FIELDS = ('label_key', 'classnames', 'prompts', 'class_subset', 'multilabel', 'where')
+_DATASET_FIELDS = ('dataset', 'name', 'split', 'pp_img', 'tasks') + _TASK_FIELDS
+_CHUNK = 4096  # Image rows scored at once: 4096 x 1000 logits.
 
 
 def class_embeddings(predictor: Predictor, params, classnames: Sequence[str],
                      templates: Sequence[str], tokenizer, text_len: int,
-                     lowercase: bool = False) -> np.ndarray:
+                     lowercase: bool = False, strip_punctuation: bool = False) -> np.ndarray:
   """[C, D] zero-shot classifier: mean of normalised prompt embeddings per class."""
-  texts = [t.format(c) for c in classnames for t in templates]
-  if lowercase:
-    texts = [t.lower() for t in texts]
+  texts = [prompts_lib.normalize(t.format(c), lowercase, strip_punctuation)
+           for c in classnames for t in templates]
   z = predictor.texts(params, tokenizer.tokenize(texts, text_len))
   z = l2_normalize(z).reshape(len(classnames), len(templates), -1).mean(axis=1)
   return l2_normalize(z)
 
 
-class ZeroShotEvaluator:
-  """Top-1/top-5 zero-shot accuracy on one dataset, for one or more label tasks."""
+def topk_hits(logits_NxC: np.ndarray, labels, k: int, multilabel: bool = False) -> np.ndarray:
+  """Boolean [N]: the label (or, multi-label, any label of the set) is among the top k."""
+  k = min(k, logits_NxC.shape[1])
+  topk_Nxk = np.argpartition(-logits_NxC, k - 1, axis=1)[:, :k]
+  if not multilabel:
+    return np.any(topk_Nxk == np.asarray(labels)[:, None], axis=1)
+  return np.array([np.isin(t, s).any() for t, s in zip(topk_Nxk, labels)], bool)
 
-  def __init__(self, predictor: Predictor, *, dataset: str, split: str, pp_img: str,
-               tasks: dict, tokenizer: str, text_len: int, data_dir=None,
-               batch_size: int = 256, lowercase: bool = False, name: str | None = None):
+
+def _labels_in_subset(labels, subset, multilabel, name):
+  """Maps full-class labels to positions in `subset` (multi-label: drops the others)."""
+  if subset is None:
+    return labels if multilabel else np.asarray(labels, np.int64)
+  pos = np.full(max(max(subset), *(np.max(l, initial=0) for l in labels)) + 1, -1)
+  pos[list(subset)] = np.arange(len(subset))
+  if multilabel:
+    return [pos[np.asarray(s, np.int64)][pos[np.asarray(s, np.int64)] >= 0] for s in labels]
+  mapped = pos[np.asarray(labels, np.int64)]
+  if (mapped < 0).any():
+    bad = sorted(set(np.asarray(labels)[mapped < 0].tolist()))[:10]
+    raise ValueError(f'{name}: labels {bad} are outside its class subset of {len(subset)} '
+                     'classes; wrong class_subset or label_key?')
+  return mapped
+
+
+class ZeroShotEvaluator:
+  """Top-1/top-5 zero-shot accuracy over one or more datasets (and label tasks)."""
+
+  def __init__(self, predictor: Predictor, *, tokenizer: str, text_len: int, pp_img: str,
+               datasets: Sequence | None = None, dataset: str | None = None,
+               split: str | None = None, tasks: dict | None = None, prompts=None,
+               lowercase: bool = False, strip_punctuation: bool = False, data_dir=None,
+               batch_size: int = 256, name: str | None = None):
+    if (datasets is None) == (dataset is None):
+      raise ValueError('Zero-shot evaluator needs exactly one of `datasets` (a list) or '
+                       f'`dataset` (one name); got datasets={datasets!r}, dataset={dataset!r}.')
+    if dataset is not None:  # One dataset given inline, the synthetic shapes' form.
+      datasets = [dict(dataset=dataset, split=split, tasks=tasks, name=name)]
     self.predictor = predictor
-    self.name = name or dataset.split('/')[0].split(':')[0]
-    self.tasks = {k: dict(v) for k, v in tasks.items()}
     self.tokenizer = tokenizers.get_tokenizer(tokenizer)
-    self.text_len = text_len
-    self.lowercase = lowercase
+    self.text_len, self.batch_size = text_len, batch_size
+    self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
+    self.sources = [self._source(d, pp_img, prompts, data_dir) for d in datasets]
+    self.name = self.sources[0]['name']
+    self.tasks = self.sources[0]['tasks']
+
+  def _source(self, entry, pp_img, prompts, data_dir) -> dict:
+    entry = {'dataset': entry} if isinstance(entry, str) else dict(entry)
+    unknown = set(entry) - set(_DATASET_FIELDS)
+    if unknown:
+      raise ValueError(f'Unknown zero-shot dataset fields {sorted(unknown)} in {entry}; '
+                       f'valid: {list(_DATASET_FIELDS)}.')
+    dataset = entry.pop('dataset')
+    base = dataset.split('/')[0].split(':')[0]
+    spec = {**DATASETS.get(base, DEFAULT_PROTOCOL), 'pp_img': pp_img, 'name': base,
+            **({'prompts': prompts} if prompts is not None else {}),
+            **{k: v for k, v in entry.items() if v is not None}}
     builder = input_pipeline.get_builder(dataset, data_dir)
+    tasks = spec.pop('tasks', None)
+    tasks = ({t: dict(v) for t, v in tasks.items()} if tasks else
+             {None: {k: spec[k] for k in _TASK_FIELDS if k in spec}})
     keys = {'image'}
-    for task, spec in self.tasks.items():
-      unknown = set(spec) - {'label_key', 'classnames', 'prompts', 'where'}
+    for task, t in tasks.items():
+      unknown = set(t) - set(_TASK_FIELDS)
       if unknown:
         raise ValueError(f'Unknown zero-shot task fields {sorted(unknown)} in task {task!r}; '
-                         "valid: 'label_key', 'classnames', 'prompts', 'where'.")
-      spec['classnames'] = prompts_lib.classnames(spec.get('classnames', 'tfds'), builder,
-                                                  spec['label_key'])
-      spec['prompts'] = prompts_lib.templates(spec.get('prompts', 'classname'))
-      keys |= {spec['label_key'], *spec.get('where', {})}
+                         f'valid: {", ".join(map(repr, _TASK_FIELDS))}.')
+      t.setdefault('prompts', spec['prompts'] if task is None else prompts or 'classname')
+      t['classnames'] = prompts_lib.classnames(t.get('classnames', 'tfds'), builder,
+                                               t['label_key'])
+      t['prompts'] = prompts_lib.templates(t['prompts'])
+      t['class_subset'] = prompts_lib.class_subset(t.get('class_subset'))
+      if t['class_subset'] and max(t['class_subset']) >= len(t['classnames']):
+        raise ValueError(f'class_subset of {dataset} indexes past its '
+                         f'{len(t["classnames"])} class names.')
+      t['prefix'] = f'zeroshot/{spec["name"]}' + (f'/{task}' if task else '')
+      keys |= {t['label_key'], *t.get('where', {})}
     keep = ', '.join(f'"{k}"' for k in sorted(keys))
-    self._ds = input_pipeline.get_dataset(
-        name=dataset, split=split, pp=f'{pp_img}|keep({keep})', batch_size=batch_size,
-        data_dir=data_dir, train=False)
-    self.batch_size = batch_size
-
-  def _embed_dataset(self, params):
-    zimg, features = [], {}
-    for batch in self._ds.as_numpy_iterator():
-      zimg.append(self.predictor.images(params, batch.pop('image'), self.batch_size))
-      for k, v in batch.items():
-        features.setdefault(k, []).append(v)
-    return np.concatenate(zimg), {k: np.concatenate(v) for k, v in features.items()}
+    ds = predict.eval_dataset(dataset, spec['split'], f'{spec["pp_img"]}|keep({keep})',
+                              self.batch_size, data_dir)
+    return dict(name=spec['name'], ds=ds, tasks=tasks)
 
   def run(self, params) -> dict[str, float]:
-    zimg, features = self._embed_dataset(params)
-    metrics = {}
-    for task, spec in self.tasks.items():
-      keep = np.ones(len(zimg), bool)
-      for key, allowed in spec.get('where', {}).items():
-        keep &= np.isin(features[key], np.atleast_1d(allowed))
-      if not keep.any():
-        raise ValueError(f'Zero-shot task {task!r} of {self.name!r} selects no image '
-                         f'(where={spec.get("where")}).')
-      classifier = class_embeddings(self.predictor, params, spec['classnames'], spec['prompts'],
-                                    self.tokenizer, self.text_len, self.lowercase)
-      logits = zimg[keep] @ classifier.T
-      labels = features[spec['label_key']][keep]
-      prefix = f'zeroshot/{self.name}/{task}'
-      metrics[f'{prefix}/top1'] = float(topk_correct(logits, labels, 1).mean())
-      metrics[f'{prefix}/top5'] = float(topk_correct(logits, labels, 5).mean())
+    classifiers, metrics = {}, {}
+    for src in self.sources:
+      zimg, features = predict.embed_dataset(self.predictor, params, src['ds'], self.batch_size)
+      for task, t in src['tasks'].items():
+        key = (t['classnames'], t['prompts'])
+        if key not in classifiers:  # Shared by datasets with the same names and prompts.
+          classifiers[key] = class_embeddings(
+              self.predictor, params, *key, self.tokenizer, self.text_len, self.lowercase,
+              self.strip_punctuation)
+        counts = predict.host_sum(self._count_hits(zimg, features, t, classifiers[key]))
+        if counts[-1] == 0:
+          raise ValueError(f'Zero-shot task {task or src["name"]!r} of {src["name"]!r} '
+                           f'selects no image (where={t.get("where")}).')
+        metrics[f'{t["prefix"]}/top1'] = float(counts[0] / counts[2])
+        metrics[f'{t["prefix"]}/top5'] = float(counts[1] / counts[2])
     return metrics
+
+  def _count_hits(self, zimg_NxD, features, t, classifier_CxD) -> np.ndarray:
+    """[top-1 hits, top-5 hits, images scored] on this process's share."""
+    keep = np.ones(len(zimg_NxD), bool)
+    for key, allowed in t.get('where', {}).items():
+      keep &= np.isin(np.asarray(features[key]), np.atleast_1d(allowed))
+    multilabel = t.get('multilabel', False)
+    labels = [l for l, k in zip(features.get(t['label_key'], []), keep) if k]
+    subset = t['class_subset']
+    labels = _labels_in_subset(labels, subset, multilabel, t['prefix'])
+    zimg_NxD = zimg_NxD[keep]
+    if multilabel:  # ReaL protocol: images without any valid label are not scored.
+      has = np.array([len(s) > 0 for s in labels], bool)
+      zimg_NxD, labels = zimg_NxD[has], [s for s, h in zip(labels, has) if h]
+    if subset is not None:
+      classifier_CxD = classifier_CxD[list(subset)]
+    hits = np.zeros(3, np.int64)
+    for s in range(0, len(zimg_NxD), _CHUNK):
+      logits = zimg_NxD[s:s + _CHUNK] @ classifier_CxD.T
+      lab = labels[s:s + _CHUNK]
+      hits += [topk_hits(logits, lab, 1, multilabel).sum(),
+               topk_hits(logits, lab, 5, multilabel).sum(), len(logits)]
+    return hits
