@@ -1,14 +1,15 @@
-"""Models: ViT and text towers, and the two-tower contrastive model."""
+"""Models: ViT and text towers, the two-tower contrastive model, and LIMoE."""
 import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
 
+from mmcl.models.limoe import LIMoE
 from mmcl.models.text import TextTransformer
 from mmcl.models.two_towers import TwoTowers
 from mmcl.models.vit import ViT
 
-MODELS = {'two_towers': TwoTowers}
+MODELS = {'two_towers': TwoTowers, 'limoe': LIMoE}
 
 
 def _to_plain(x):
@@ -39,4 +40,4 @@ def get_model(model_config: Any) -> nn.Module:
   return cls(**cfg)
 
 
-__all__ = ['MODELS', 'get_model', 'TwoTowers', 'ViT', 'TextTransformer']
+__all__ = ['MODELS', 'get_model', 'LIMoE', 'TwoTowers', 'ViT', 'TextTransformer']

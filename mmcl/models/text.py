@@ -4,6 +4,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmcl.models import moe as moe_lib
 from mmcl.models import transformer
 
 STYLES = ('clip', 'siglip')
@@ -56,10 +57,13 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   dtype: Any = 'float32'
+  moe: Any = None  # Sparse MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
 
   def __post_init__(self):
     super().__post_init__()
-    self.hparams()  # Fail at construction time, not inside jit.
+    hp = self.hparams()  # Fail at construction time, not inside jit.
+    if self.moe is not None:
+      moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
     if self.style not in STYLES:
       raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
     if self.pool is not None and self.pool not in POOLS:
@@ -92,10 +96,18 @@ class TextTransformer(nn.Module):
     mask = None
     if self.style == 'clip':
       mask = nn.make_causal_mask(jnp.ones((1, l), jnp.bool_), dtype=jnp.bool_)
-    x_BxLxD = transformer.Encoder(
-        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-        dropout=self.dropout, remat=self.remat, dtype=dtype,
-        name='Transformer')(x_BxLxD, mask, deterministic=not train)
+    if self.moe is None:
+      x_BxLxD = transformer.Encoder(
+          depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+          dropout=self.dropout, remat=self.remat, dtype=dtype,
+          name='Transformer')(x_BxLxD, mask, deterministic=not train)
+    else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
+      x_BxLxD, aux = moe_lib.MoeEncoder(
+          depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
+          num_heads=hp['num_heads'], dropout=self.dropout, remat=self.remat,
+          dtype=dtype, name='Transformer')(
+              x_BxLxD, mask, deterministic=not train, modality='text')
+      out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxLxD
 
     pool = self.pool or ('eot' if self.style == 'clip' else 'last')

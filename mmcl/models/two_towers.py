@@ -70,17 +70,29 @@ class TwoTowers(nn.Module):
   def __call__(self, image, text, *, train: bool = False):
     out = {}
     zimg_BxD = ztxt_BxD = None
+    aux_losses, aux_metrics = [], {}  # From sparse (MoE) towers only.
+
+    def take_aux(tower_out):
+      if 'aux_loss' in tower_out:
+        aux_losses.append(tower_out.pop('aux_loss'))
+        aux_metrics.update(tower_out.pop('metrics'))  # Names carry the modality.
+
     if image is not None:
       zimg, img_out = self._tower(vit.ViT, self.image, 'image', name='img')(
           image, train=train)
       zimg_BxD = l2_normalize(zimg)
+      take_aux(img_out)
       out.update({f'img/{k}': v for k, v in img_out.items()})
     if text is not None:
       ztxt, txt_out = self._tower(
           text_lib.TextTransformer, self.text, 'text', name='txt')(
               text, train=train)
       ztxt_BxD = l2_normalize(ztxt)
+      take_aux(txt_out)
       out.update({f'txt/{k}': v for k, v in txt_out.items()})
+    if aux_losses:
+      out['aux_loss'] = sum(aux_losses)
+      out['metrics'] = aux_metrics
 
     t = self.param('t', lambda _: jnp.log(
         jnp.asarray(self.temperature_init, jnp.float32)))

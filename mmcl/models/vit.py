@@ -5,6 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmcl.models import moe as moe_lib
 from mmcl.models import transformer
 
 POOLS = ('tok', 'gap', 'map')
@@ -55,10 +56,13 @@ class ViT(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   dtype: Any = 'float32'
+  moe: Any = None  # Sparse V-MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
 
   def __post_init__(self):
     super().__post_init__()
-    self.hparams()  # Fail at construction time, not inside jit.
+    hp = self.hparams()  # Fail at construction time, not inside jit.
+    if self.moe is not None:
+      moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
     if self.pool not in POOLS:
       raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
     if self.pool == 'tok' and self.class_token is False:
@@ -95,10 +99,18 @@ class ViT(nn.Module):
       x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
 
     x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
-    x_BxNxD = transformer.Encoder(
-        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-        dropout=self.dropout, remat=self.remat, dtype=dtype,
-        name='Transformer')(x_BxNxD, deterministic=not train)
+    if self.moe is None:
+      x_BxNxD = transformer.Encoder(
+          depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+          dropout=self.dropout, remat=self.remat, dtype=dtype,
+          name='Transformer')(x_BxNxD, deterministic=not train)
+    else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
+      x_BxNxD, aux = moe_lib.MoeEncoder(
+          depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
+          num_heads=hp['num_heads'], dropout=self.dropout, remat=self.remat,
+          dtype=dtype, name='Transformer')(
+              x_BxNxD, deterministic=not train, modality='image')
+      out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxNxD
 
     if self.pool == 'tok':

@@ -1,0 +1,146 @@
+"""LIMoE: one sparse mixture-of-experts transformer shared by images and texts.
+
+Images are patch-embedded and texts token-embedded, each with its own position embedding;
+both then run through the *same* encoder (shared attention, shared experts), in two
+separate calls so the two modalities never attend to each other and each has its own
+routing groups, capacity and per-modality entropy losses. Each modality has its own pooling
+and linear head into the shared contrastive space; temperature/bias as in TwoTowers.
+"""
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmcl.models import moe as moe_lib
+from mmcl.models import text as text_lib
+from mmcl.models import transformer
+from mmcl.models import two_towers
+from mmcl.models import vit
+
+IMAGE_POOLS = ('gap', 'map')
+
+
+class LIMoE(nn.Module):
+  """Returns (zimg_BxD, ztxt_BxD, out) like TwoTowers; either input may be None.
+
+  out: 't', ['b'], 'aux_loss' (weighted MoE losses, both modalities), 'metrics'
+  ({'moe/layer{i}/{image|text}/{expert<e>|dropped|entropy|..._loss}': scalar}).
+  Params: img_embedding, img_pos_embedding, txt_embedding, txt_pos_embedding,
+  Transformer (shared), img_head, txt_head, [img_map, txt_map], t, [b].
+  """
+  variant: str | None = None  # ViT-style 'B/16'; the fields below override it.
+  width: int | None = None
+  depth: int | None = None
+  mlp_dim: int | None = None
+  num_heads: int | None = None
+  patch_size: int | None = None
+  moe: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # moe.MoeSpec fields.
+  embed_dim: int = 512
+  image_pool: str = 'gap'
+  text_style: str = 'clip'  # 'clip': causal mask, EOT pool; 'siglip': bidirectional, last.
+  text_pool: str | None = None
+  vocab_size: int = 32_000
+  max_len: int = 64
+  temperature_init: float = 10.0
+  max_temperature: float | None = None
+  bias_init: float | None = None
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    super().__post_init__()
+    hp = self.hparams()  # Fail at construction time, not inside jit.
+    moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
+    if self.image_pool not in IMAGE_POOLS:
+      raise ValueError(f'Unknown LIMoE image_pool {self.image_pool!r}; valid: {IMAGE_POOLS}')
+    if self.text_style not in text_lib.STYLES:
+      raise ValueError(f'Unknown LIMoE text_style {self.text_style!r}; '
+                       f'valid: {text_lib.STYLES}')
+    if self.text_pool is not None and self.text_pool not in text_lib.POOLS:
+      raise ValueError(f'Unknown LIMoE text_pool {self.text_pool!r}; '
+                       f'valid: {text_lib.POOLS}')
+    if self.temperature_init <= 0:
+      raise ValueError(f'temperature_init must be > 0, got {self.temperature_init}.')
+    if self.max_temperature is not None and self.max_temperature <= 0:
+      raise ValueError(f'max_temperature must be > 0, got {self.max_temperature}.')
+    transformer.canonical_dtype(self.dtype)
+
+  def hparams(self) -> dict:
+    return vit.resolve_hparams(self.variant, self.width, self.depth, self.mlp_dim,
+                               self.num_heads, self.patch_size)
+
+  @nn.compact
+  def __call__(self, image, text, *, train: bool = False):
+    hp = self.hparams()
+    dtype = transformer.canonical_dtype(self.dtype)
+    d = hp['width']
+    pdt = transformer.PARAM_DTYPE
+    encoder = moe_lib.MoeEncoder(
+        depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype, name='Transformer')
+    head = lambda name: nn.Dense(self.embed_dim, dtype=dtype, param_dtype=pdt, name=name)
+    out = {'aux_loss': jnp.zeros((), jnp.float32), 'metrics': {}}
+
+    def add_aux(aux):
+      out['aux_loss'] = out['aux_loss'] + aux['loss']
+      out['metrics'].update(aux['metrics'])
+
+    zimg_BxD = ztxt_BxD = None
+    if image is not None:
+      p = hp['patch_size']
+      x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype, param_dtype=pdt,
+                  name='img_embedding')(image.astype(dtype))
+      b, h, w, _ = x.shape
+      pos_1xNxD = self.param('img_pos_embedding',
+                             nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, h * w, d), pdt)
+      x_BxNxD = x.reshape(b, h * w, d) + pos_1xNxD.astype(dtype)
+      x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
+      x_BxNxD, aux = encoder(x_BxNxD, deterministic=not train, modality='image')
+      add_aux(aux)
+      if self.image_pool == 'gap':
+        x_BxD = jnp.mean(x_BxNxD, axis=1)
+      else:
+        x_BxD = transformer.MAPHead(mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+                                    dtype=dtype, name='img_map')(x_BxNxD)
+      zimg_BxD = two_towers.l2_normalize(head('img_head')(x_BxD))
+
+    if text is not None:
+      b, l = text.shape
+      if l > self.max_len:
+        raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
+      x_BxLxD = nn.Embed(self.vocab_size, d, dtype=dtype, param_dtype=pdt,
+                         embedding_init=nn.initializers.normal(stddev=0.02),
+                         name='txt_embedding')(text)
+      pos_1xMxD = self.param('txt_pos_embedding', nn.initializers.normal(stddev=0.01),
+                             (1, self.max_len, d), pdt)
+      x_BxLxD = x_BxLxD + pos_1xMxD[:, :l].astype(dtype)
+      x_BxLxD = nn.Dropout(rate=self.dropout)(x_BxLxD, not train)
+      mask = None
+      if self.text_style == 'clip':
+        mask = nn.make_causal_mask(jnp.ones((1, l), jnp.bool_), dtype=jnp.bool_)
+      x_BxLxD, aux = encoder(x_BxLxD, mask, deterministic=not train, modality='text')
+      add_aux(aux)
+      pool = self.text_pool or ('eot' if self.text_style == 'clip' else 'last')
+      if pool == 'eot':
+        x_BxD = x_BxLxD[jnp.arange(b), text_lib.eot_index(text)]
+      elif pool == 'last':
+        x_BxD = x_BxLxD[:, -1]
+      elif pool == 'first':
+        x_BxD = x_BxLxD[:, 0]
+      elif pool == 'gap':
+        x_BxD = jnp.mean(x_BxLxD, axis=1)
+      else:  # 'map'
+        x_BxD = transformer.MAPHead(mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+                                    dtype=dtype, name='txt_map')(x_BxLxD)
+      ztxt_BxD = two_towers.l2_normalize(head('txt_head')(x_BxD))
+
+    t = self.param('t', lambda _: jnp.log(jnp.asarray(self.temperature_init, jnp.float32)))
+    if self.max_temperature is not None:
+      t = jnp.minimum(t, math.log(self.max_temperature))
+    out['t'] = jnp.exp(t).astype(jnp.float32)
+    if self.bias_init is not None:
+      out['b'] = self.param('b', lambda _: jnp.asarray(self.bias_init, jnp.float32))
+    return zimg_BxD, ztxt_BxD, out
