@@ -1,14 +1,19 @@
 """Evaluators built from `config.evals`: each returns a flat dict of metrics.
 
 `config.evals.<name>` = {type, every (steps; 0 = only at the end), **kwargs}. The kwargs
-`tokenizer`, `text_len` and `data_dir` default to the top-level config's.
+`tokenizer`, `text_len` and `data_dir` default to the top-level config's; `pp_img` strings
+(also those of zero-shot `datasets` entries) get `{image_size}` etc. filled from it.
+Types: zeroshot, retrieval, probe, geometry (see docs/evaluation.md).
 """
 from mmcl.data import input_pipeline
+from mmcl.evaluate.geometry import GeometryEvaluator
 from mmcl.evaluate.predict import Predictor
+from mmcl.evaluate.probe import ProbeEvaluator
 from mmcl.evaluate.retrieval import RetrievalEvaluator
 from mmcl.evaluate.zeroshot import ZeroShotEvaluator
 
-EVALUATORS = {'zeroshot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator}
+EVALUATORS = {'zeroshot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator,
+              'probe': ProbeEvaluator, 'geometry': GeometryEvaluator}
 
 
 def check_types(evals_config):
@@ -30,5 +35,12 @@ def build_evaluators(config, predictor: Predictor) -> dict:
     kwargs.setdefault('data_dir', config.get('data_dir'))
     if 'pp_img' in kwargs:
       kwargs['pp_img'] = input_pipeline.format_pp(kwargs['pp_img'], config)
-    out[name] = (EVALUATORS[kind](predictor, **kwargs), every)
+    if kwargs.get('datasets'):
+      kwargs['datasets'] = [
+          {**d, 'pp_img': input_pipeline.format_pp(d['pp_img'], config)}
+          if isinstance(d, dict) and d.get('pp_img') else d for d in kwargs['datasets']]
+    try:
+      out[name] = (EVALUATORS[kind](predictor, **kwargs), every)
+    except TypeError as e:  # An unknown or missing knob: name the evaluator it belongs to.
+      raise TypeError(f'config.evals.{name} (type {kind!r}): {e}') from e
   return out

@@ -4,12 +4,23 @@ image->text: an image is a hit at k if any of its captions is among the k best c
 text->image: a caption is a hit at k if its image is among the k best images. Scores are
 computed in chunks of rows, so 5k images x 25k captions never sit in memory at once.
 """
+import jax
 import numpy as np
 
-from mmcl.data import input_pipeline, tokenizers
+from mmcl.data import tokenizers
+from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
+from mmcl.evaluate import predict
+from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate.predict import Predictor
 
 KS = (1, 5, 10)
+# Per-dataset protocol: the split and the feature holding each image's captions. COCO uses
+# Karpathy's 5k-image test split (25k captions); a Flickr30k builder would use its 1k test.
+DATASETS = {
+    'coco_captions': dict(split='test', captions_key='captions/text'),
+    'mmcl_shapes': dict(split='test', captions_key='captions'),
+}
+DEFAULT_PROTOCOL = dict(split='test', captions_key='captions')
 
 
 def retrieval_ranks(zimg_NxD, ztxt_MxD, image_of_text_M, chunk: int = 1024):
@@ -42,36 +53,40 @@ def retrieval_metrics(i2t_ranks, t2i_ranks, prefix: str) -> dict[str, float]:
 
 
 class RetrievalEvaluator:
+  """Image<->text retrieval on one captioned dataset (all captions of every image)."""
 
-  def __init__(self, predictor: Predictor, *, dataset: str, split: str, pp_img: str,
-               tokenizer: str, text_len: int, captions_key: str = 'captions',
+  def __init__(self, predictor: Predictor, *, dataset: str, pp_img: str, tokenizer: str,
+               text_len: int, split: str | None = None, captions_key: str | None = None,
                data_dir=None, batch_size: int = 256, lowercase: bool = False,
-               name: str | None = None):
+               strip_punctuation: bool = False, name: str | None = None, chunk: int = 1024):
+    base = dataset.split('/')[0].split(':')[0]
+    protocol = DATASETS.get(base, DEFAULT_PROTOCOL)
     self.predictor = predictor
-    self.name = name or dataset.split('/')[0].split(':')[0]
+    self.name = name or base
     self.tokenizer = tokenizers.get_tokenizer(tokenizer)
-    self.text_len = text_len
-    self.lowercase = lowercase
-    self.batch_size = batch_size
-    self.captions_key = captions_key
-    self._ds = input_pipeline.get_dataset(
-        name=dataset, split=split, pp=f'{pp_img}|keep("image", "{captions_key}")',
-        batch_size=batch_size, data_dir=data_dir, train=False)
+    self.text_len, self.batch_size, self.chunk = text_len, batch_size, chunk
+    self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
+    self.captions_key = captions_key or protocol['captions_key']
+    top = self.captions_key.split('/')[0]  # 'captions/text': a field of a nested feature.
+    self._ds = predict.eval_dataset(dataset, split or protocol['split'],
+                                    f'{pp_img}|keep("image", "{top}")', batch_size, data_dir)
 
   def run(self, params) -> dict[str, float]:
-    zimg, texts, image_of_text = [], [], []
-    n = 0
-    for batch in self._ds.as_numpy_iterator():
-      zimg.append(self.predictor.images(params, batch['image'], self.batch_size))
-      captions_batch = batch[self.captions_key]
-      if hasattr(captions_batch, 'to_list'):  # Ragged when the caption count varies.
-        captions_batch = captions_batch.to_list()
-      for i, captions in enumerate(captions_batch):
-        for c in captions:
-          c = c.decode('utf-8') if isinstance(c, bytes) else str(c)
-          texts.append(c.lower() if self.lowercase else c)
-          image_of_text.append(n + i)
-      n += len(batch['image'])
-    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len))
-    i2t, t2i = retrieval_ranks(np.concatenate(zimg), ztxt, np.asarray(image_of_text))
+    zimg, features = predict.embed_dataset(self.predictor, params, self._ds, self.batch_size)
+    if self.captions_key not in features:
+      raise ValueError(f'{self.name}: no captions feature {self.captions_key!r}; features: '
+                       f'{sorted(features)}')
+    texts, image_of_text = [], []
+    for i, captions in enumerate(features[self.captions_key]):
+      for c in captions:
+        c = c.decode('utf-8') if isinstance(c, bytes) else str(c)
+        texts.append(prompts_lib.normalize(c, self.lowercase, self.strip_punctuation))
+        image_of_text.append(i)
+    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len),
+                                self.batch_size)
+    # Every process gathers all rows; image ids move by the images of earlier processes.
+    offset = int(np.sum(predict.host_concat(np.array([len(zimg)]))[:jax.process_index()]))
+    zimg, ztxt = predict.host_concat(zimg), predict.host_concat(ztxt)
+    image_of_text = predict.host_concat(np.asarray(image_of_text, np.int64) + offset)
+    i2t, t2i = retrieval_ranks(zimg, ztxt, image_of_text, self.chunk)
     return retrieval_metrics(i2t, t2i, f'retrieval/{self.name}')

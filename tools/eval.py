@@ -1,0 +1,43 @@
+r"""Evaluates a checkpoint with the config's evaluators and prints a table.
+
+  python tools/eval.py --config configs/demo.py --workdir /tmp/mmcl_demo        # latest
+  python tools/eval.py --config configs/demo.py --checkpoint /tmp/mmcl_demo/ckpt/1300
+  python tools/eval.py --config configs/demo.py --workdir W --evals=zeroshot,probe \
+      --config.data_dir=/data/tfds   # a TFDS data_dir holding e.g. imagenet2012
+
+Results also go to `<workdir>/eval/metrics.jsonl` (or --out_dir) and TensorBoard.
+"""
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py[:arg].',
+                                lock_config=False)
+flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
+flags.DEFINE_string('checkpoint', None, 'A <workdir>/ckpt/<step> directory to evaluate.')
+flags.DEFINE_list('evals', None, 'Names in config.evals to run (default: all).')
+flags.DEFINE_string('out_dir', None, 'Where metrics go (default: <workdir>/eval).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # Keep tf.data off any accelerator: the model owns it.
+  tf.config.set_visible_devices([], 'GPU')
+  import jax
+  from mmcl.evaluate import checkpoint_eval
+  f = flags.FLAGS
+  step, metrics = checkpoint_eval.evaluate_checkpoint(
+      f.config, workdir=f.workdir, checkpoint=f.checkpoint, only=f.evals, out_dir=f.out_dir)
+  if jax.process_index() == 0:
+    print(checkpoint_eval.format_table(metrics, step), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
