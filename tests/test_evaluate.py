@@ -399,7 +399,7 @@ def test_build_evaluators(mesh, shapes_data_dir):
   c.evals.zeroshot.every = 7
   pred = predict.Predictor(StubModel(), mesh)
   evaluators = evaluate.build_evaluators(c, pred)
-  assert set(evaluators) == {'zeroshot', 'retrieval'}
+  assert set(evaluators) == {'zeroshot', 'retrieval', 'probe', 'geometry'}
   zs, every = evaluators['zeroshot']
   assert isinstance(zs, zeroshot.ZeroShotEvaluator) and every == 7
   assert zs.text_len == 24 and zs.name == 'mmcl_shapes'
