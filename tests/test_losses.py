@@ -1,5 +1,6 @@
 """Distributed losses against a single-device float64 reference, values and gradients."""
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,14 @@ def _inputs(seed, batch=32, dim=16):
   return zimg, ztxt, rng.uniform(2.0, 20.0), rng.uniform(-8.0, 0.0)
 
 
-@pytest.mark.parametrize('mesh_config', [[('data', 8)], [('data', 4), ('fsdp', 2)]])
-@pytest.mark.parametrize('impl', ['gather', 'global'])
+@pytest.mark.parametrize('mesh_config', [[('data', 8)], [('data', 4), ('fsdp', 2)],
+                                         [('data', 2), ('fsdp', 4)]])
+@pytest.mark.parametrize('impl', ['gather', 'global', 'ring'])
 @pytest.mark.parametrize('name', ['softmax', 'sigmoid'])
 def test_loss_matches_float64_reference(name, impl, mesh_config):
   mesh = mesh_lib.create_mesh(mesh_config)
-  zimg, ztxt, scale, bias = _inputs(seed=hash((name, impl, str(mesh_config))) % 2**31)
-  fn = losses.make_loss_fn(name, impl, mesh)
+  zimg, ztxt, scale, bias = _inputs(seed=zlib.crc32(f'{name}/{impl}/{mesh_config}'.encode()))
+  fn = losses.make_loss_fn(name, impl, mesh, chunk=2)  # 2 x 2 tiles of 4 local rows.
   sharding = mesh_lib.batch_sharding(mesh)
 
   def loss(zi, zt, s, b):
@@ -79,7 +81,9 @@ def test_unknown_loss_and_impl_name_valid_choices():
   with pytest.raises(ValueError, match=r"Unknown loss 'nope'.*softmax"):
     losses.make_loss_fn('nope', 'gather', mesh)
   with pytest.raises(ValueError, match=r"no impl 'ring'.*gather"):
-    losses.make_loss_fn('softmax', 'ring', mesh)
+    losses.make_loss_fn('multi_positive', 'ring', mesh)  # Needs whole rows.
+  with pytest.raises(ValueError, match=r"Unknown loss impl 'tiled'.*ring"):
+    losses.make_loss_fn('softmax', 'tiled', mesh)
 
 
 def test_sigmoid_without_bias_is_a_clear_error():

@@ -8,7 +8,8 @@ smooth surrogate of 1 - AUC that ranks every positive above every negative of it
   L = (L^{i2t} + L^{t2i}) / 2.
 The loss depends only on score differences, so a bias would cancel; none is used.
 
-With `impl='gather'` each device holds two b x B difference blocks.
+With `impl='gather'` each device holds two b x B difference blocks; `impl='ring'` sums
+them tile by tile (memory O(b)).
 """
 import jax
 import jax.numpy as jnp
@@ -17,17 +18,17 @@ from mmcl.losses import rows
 from mmcl.losses.registry import LossContext, register_loss
 
 
-def _pairwise_logistic_rows(logits_bxB: jax.Array, is_pos_bxB: jax.Array) -> jax.Array:
-  """Sum over local rows r of sum_{j != pos} softplus(logit_rj - logit_r,pos)."""
-  positives_bx1 = jnp.sum(jnp.where(is_pos_bxB, logits_bxB, 0.0), axis=1, keepdims=True)
-  # softplus(-(pos - neg)) = log(1 + exp(-(pos - neg))), computed without overflow.
-  terms_bxB = jax.nn.softplus(logits_bxB - positives_bx1)
-  return jnp.sum(jnp.where(is_pos_bxB, 0.0, terms_bxB))
+def _pairwise_logistic(logits_rxc, is_pos_rxc, pos_rx1):
+  """Per row: sum over negatives j of softplus(l_rj - l_r,pos) = log(1 + exp(-(pos - neg)))."""
+  terms_rxc = jax.nn.softplus(logits_rxc - pos_rx1)
+  return {'sum': jnp.sum(jnp.where(is_pos_rxc, 0.0, terms_rxc), axis=1)}
 
 
-@register_loss('auc', impls=('global', 'gather'))
+AUC = rows.RowLoss(stats=_pairwise_logistic, kinds={'sum': 'sum'},
+                   finish=lambda pos_r, s: s['sum'])
+
+
+@register_loss('auc', impls=('global', 'gather', 'ring'))
 def auc_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
-  b = zimg_bxD.shape[0]
-  _, batch = ctx.global_rows(b)
-  return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, _pairwise_logistic_rows,
-                                pairs_per_row=batch - 1)
+  _, batch = ctx.global_rows(zimg_bxD.shape[0])
+  return rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, AUC, pairs_per_row=batch - 1)

@@ -10,7 +10,8 @@ Negatives are the other modality's rows only (cross-modal, as in CLIP), not the
 same-modality rows of the paper's two-view SimCLR setting; the paper's optional
 von Mises-Fisher positive weighting (DCLW) is not included.
 
-With `impl='gather'` each device holds two b x B logit blocks, as the softmax loss does.
+With `impl='gather'` each device holds two b x B logit blocks, as the softmax loss does;
+`impl='ring'` folds the negatives' log-sum-exp tile by tile (memory O(b)).
 """
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,15 @@ from mmcl.losses import rows
 from mmcl.losses.registry import LossContext, register_loss
 
 
-def _decoupled_rows(logits_bxB: jax.Array, is_pos_bxB: jax.Array) -> jax.Array:
-  """Sum over local rows of -logit_pos + logsumexp over the row's negatives."""
-  positives_b = jnp.sum(jnp.where(is_pos_bxB, logits_bxB, 0.0), axis=1)
-  negatives_b = jax.nn.logsumexp(jnp.where(is_pos_bxB, -jnp.inf, logits_bxB), axis=1)
-  return jnp.sum(negatives_b - positives_b)
+def _negatives_lse(logits_rxc, is_pos_rxc, pos_rx1):
+  del pos_rx1
+  return {'neg': jax.nn.logsumexp(jnp.where(is_pos_rxc, -jnp.inf, logits_rxc), axis=1)}
 
 
-@register_loss('dcl', impls=('global', 'gather'))
+DCL = rows.RowLoss(stats=_negatives_lse, kinds={'neg': 'lse'},
+                   finish=lambda pos_r, s: s['neg'] - pos_r)
+
+
+@register_loss('dcl', impls=('global', 'gather', 'ring'))
 def dcl_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
-  return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, _decoupled_rows)
+  return rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, DCL)

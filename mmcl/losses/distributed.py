@@ -8,12 +8,13 @@ from mmcl.losses.registry import LossContext, get_loss
 from mmcl.parallel import mesh as mesh_lib
 
 
-def make_loss_fn(name: str, impl: str, mesh: Mesh, **options):
+def make_loss_fn(name: str, impl: str, mesh: Mesh, *, chunk: int = 1024, **options):
   """Returns `fn(zimg_BxD, ztxt_BxD, scale, bias=None, *, extras=None) -> (loss, metrics)`.
 
   All arguments are global arrays. `extras` maps names to per-row arrays with leading
   dimension B (e.g. `labels`); they are sharded like the embeddings and reach the loss as
-  `ctx.extras`. Validates `name` and `impl` now, so a bad config fails before anything
+  `ctx.extras`. `chunk` is the ring impl's tile side (~chunk^2 logits live at once).
+  Validates `name` and `impl` now, so a bad config fails before anything
   compiles.
   """
   spec = get_loss(name, impl)
@@ -21,7 +22,7 @@ def make_loss_fn(name: str, impl: str, mesh: Mesh, **options):
 
   def local(zimg, ztxt, scale, bias, extras, axis_names):
     ctx = LossContext(scale=scale, bias=bias, axis_names=axis_names, impl=impl,
-                      options=options, extras=extras)
+                      chunk=chunk, options=options, extras=extras)
     return spec.fn(zimg, ztxt, ctx, **options)
 
   def fn(zimg_BxD, ztxt_BxD, scale, bias=None, *, extras=None):
@@ -47,6 +48,7 @@ def make_loss_fn(name: str, impl: str, mesh: Mesh, **options):
 
 
 def contrastive_loss(zimg, ztxt, *, name: str, impl: str = 'gather', mesh: Mesh, scale,
-                     bias=None, extras=None, **options):
+                     bias=None, extras=None, chunk: int = 1024, **options):
   """The loss `name` of global embeddings `zimg`, `ztxt` ([B, D]) computed by `impl`."""
-  return make_loss_fn(name, impl, mesh, **options)(zimg, ztxt, scale, bias, extras=extras)
+  return make_loss_fn(name, impl, mesh, chunk=chunk, **options)(
+      zimg, ztxt, scale, bias, extras=extras)

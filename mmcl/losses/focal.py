@@ -9,25 +9,24 @@ Detection"), down-weighting pairs that are already well matched:
 As in Lin et al., the modulating factor (1 - p_ii)^gamma is differentiated through (not a
 constant). gamma = 0 is exactly the softmax (CLIP) loss.
 """
-import functools
-
-import jax
 import jax.numpy as jnp
 
 from mmcl.losses import rows
 from mmcl.losses.registry import LossContext, register_loss
+from mmcl.losses.softmax import lse_stats
 
 
-def _focal_rows(logits_bxB: jax.Array, is_pos_bxB: jax.Array, gamma: float) -> jax.Array:
-  """Sum over local rows of -(1 - p)^gamma log p, p = softmax(row)[positive]."""
-  log_p_b = jnp.sum(jnp.where(is_pos_bxB, jax.nn.log_softmax(logits_bxB, axis=1), 0.0), axis=1)
-  if gamma == 0:  # Skips the power: 0 ** 0 would give a NaN gradient when p == 1.
-    return -jnp.sum(log_p_b)
-  # 1 - p = -expm1(log p) keeps precision when p is close to 1.
-  return -jnp.sum((-jnp.expm1(log_p_b)) ** gamma * log_p_b)
+def focal_spec(gamma: float) -> rows.RowLoss:
+  def finish(pos_r, s):
+    log_p_r = pos_r - s['lse']
+    if gamma == 0:  # Skips the power: 0 ** 0 would give a NaN gradient when p == 1.
+      return -log_p_r
+    # 1 - p = -expm1(log p) keeps precision when p is close to 1.
+    return -(-jnp.expm1(log_p_r)) ** gamma * log_p_r
+
+  return rows.RowLoss(stats=lse_stats, kinds={'lse': 'lse'}, finish=finish)
 
 
-@register_loss('focal', impls=('global', 'gather'))
+@register_loss('focal', impls=('global', 'gather', 'ring'))
 def focal_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, gamma: float = 2.0):
-  row_fn = functools.partial(_focal_rows, gamma=gamma)
-  return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, row_fn)
+  return rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, focal_spec(gamma))

@@ -12,7 +12,6 @@ scaled similarity (x^T y / tau = t s) and are part of the loss function: gradien
 through them (no stop_gradient), exactly as the formula is written. beta = 0 gives all
 weights 1, i.e. the softmax (CLIP) loss.
 """
-import functools
 import math
 
 import jax
@@ -22,21 +21,26 @@ from mmcl.losses import rows
 from mmcl.losses.registry import LossContext, register_loss
 
 
-def _hard_negative_rows(logits_bxB: jax.Array, is_pos_bxB: jax.Array,
-                        beta: float) -> jax.Array:
-  """Sum over local rows of log(weighted denominator) - positive logit."""
-  batch = logits_bxB.shape[1]
-  positives_b = jnp.sum(jnp.where(is_pos_bxB, logits_bxB, 0.0), axis=1)
-  # log w_ij = log(B - 1) + beta l_ij - logsumexp_{k != i} beta l_ik, kept in log space so
-  # the weighted denominator is one logsumexp over [l_ii, l_ij + log w_ij].
-  beta_neg_bxB = jnp.where(is_pos_bxB, -jnp.inf, beta * logits_bxB)
-  log_w_bxB = (math.log(batch - 1) + beta_neg_bxB
-               - jax.nn.logsumexp(beta_neg_bxB, axis=1, keepdims=True))
-  weighted_bxB = jnp.where(is_pos_bxB, logits_bxB, logits_bxB + log_w_bxB)
-  return jnp.sum(jax.nn.logsumexp(weighted_bxB, axis=1) - positives_b)
+def hard_negative_spec(beta: float, batch: int) -> rows.RowLoss:
+  """HN-NCE in statistics form. The weighted negative sum of row i is
+    sum_{j != i} w_ij exp(l_ij) = (B - 1) exp(A_i - C_i),
+    A_i = logsumexp_{j != i} (1 + beta) l_ij,   C_i = logsumexp_{j != i} beta l_ij,
+  so the loss is logaddexp(l_ii, log(B - 1) + A_i - C_i) - l_ii: two log-sum-exps a ring
+  can fold tile by tile.
+  """
+  def stats(logits_rxc, is_pos_rxc, pos_rx1):
+    del pos_rx1
+    def negatives_lse(x_rxc):  # Masked after scaling: beta = 0 must not give 0 * -inf.
+      return jax.nn.logsumexp(jnp.where(is_pos_rxc, -jnp.inf, x_rxc), axis=1)
+    return {'a': negatives_lse((1 + beta) * logits_rxc), 'c': negatives_lse(beta * logits_rxc)}
+
+  def finish(pos_r, s):
+    return jnp.logaddexp(pos_r, math.log(batch - 1) + s['a'] - s['c']) - pos_r
+
+  return rows.RowLoss(stats=stats, kinds={'a': 'lse', 'c': 'lse'}, finish=finish)
 
 
-@register_loss('hard_negative', impls=('global', 'gather'))
+@register_loss('hard_negative', impls=('global', 'gather', 'ring'))
 def hard_negative_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, beta: float = 0.5):
-  row_fn = functools.partial(_hard_negative_rows, beta=beta)
-  return rows.symmetric_row_loss(zimg_bxD, ztxt_bxD, ctx, row_fn)
+  _, batch = ctx.global_rows(zimg_bxD.shape[0])
+  return rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, hard_negative_spec(beta, batch))

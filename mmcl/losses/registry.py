@@ -53,6 +53,8 @@ def get_loss(name: str, impl: str = 'gather') -> LossSpec:
   if name not in _LOSSES:
     raise ValueError(f'Unknown loss {name!r}; valid: {sorted(_LOSSES)}')
   spec = _LOSSES[name]
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown loss impl {impl!r}; valid: {IMPLS}')
   if impl not in spec.impls:
     raise ValueError(f'Loss {name!r} has no impl {impl!r}; valid: {spec.impls}')
   return spec
@@ -74,6 +76,7 @@ class LossContext:
   bias: jax.Array | None = None
   axis_names: tuple[str, ...] = ()
   impl: str = 'global'
+  chunk: int = 1024  # Ring impl: tile side (rows and columns) within a device.
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
   extras: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 

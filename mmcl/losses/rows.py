@@ -1,19 +1,98 @@
-"""Shared driver for losses that sum a function of each logit row, in both directions.
+"""Shared drivers for losses that reduce each row of the image-text logits.
 
-softmax, dcl, hard_negative, focal and auc all have the form
-  L = 1/2 [ sum_i f(t * x_i . Y^T) + sum_j f(t * y_j . X^T) ] / normaliser
-for a row function f of the logits and the position of the positive. Each device scores its
-local rows against the gathered columns; this module does that once, so a loss file holds
-only its row function (and a ring impl can later replace the gather in one place).
+Two forms:
+
+1. `RowLoss` + `row_stats_loss`: per-row statistics summed over the columns, then a per-row
+   finish. softmax, sigmoid, dcl, hard_negative, focal and auc have this form:
+     L = sum_i finish(p_i, S_i) / normaliser,   S_i = (+)_j stats(l_ij, [j is i's positive], p_i)
+   with l_ij = t x_i . y_j (+ b), p_i the positive logit, and each statistic folded over
+   columns by addition ('sum') or log-add-exp ('lse'). One definition then runs every impl:
+   'global' and 'gather' take the stats of the whole row at once; 'ring' (ring.py) folds them
+   tile by tile while the column blocks travel around the devices.
+
+2. `symmetric_row_loss`: a row function of a whole logit row and per-pair targets (several or
+   soft positives: multi_positive, cwcl). These need the full row, so 'global'/'gather' only.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from mmcl.losses.registry import LossContext
 
-# f(logits_bxB, targets_bxB) -> sum over the b local rows; targets default to the positives mask.
+KINDS = ('lse', 'sum')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowLoss:
+  """A row loss in statistics form (see the module docstring).
+
+  stats(logits_rxc, is_pos_rxc, pos_rx1) -> {name: [r]}: one tile's contribution to each
+    statistic. It must be well defined on any tile of at least two columns.
+  kinds: {name: 'lse' | 'sum'}: how tiles fold into the row's statistic.
+  finish(pos_r, stats) -> [r]: each row's loss.
+  symmetric: score image rows and text rows (CLIP); False scores each pair once (SigLIP).
+  with_bias: the logits include the learned bias `ctx.bias`.
+  """
+  stats: Callable[[jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+  kinds: Mapping[str, str]
+  finish: Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
+  symmetric: bool = True
+  with_bias: bool = False
+
+  def __post_init__(self):
+    bad = {k: v for k, v in self.kinds.items() if v not in KINDS}
+    if bad:
+      raise ValueError(f'RowLoss kinds {bad} unknown; valid: {KINDS}')
+
+  def logits(self, q_rxD, k_cxD, scale, bias):
+    logits_rxc = scale * (q_rxD @ k_cxD.T)
+    return logits_rxc + bias if self.with_bias else logits_rxc
+
+
+def positive_logits(spec: RowLoss, q_bxD, k_bxD, scale, bias) -> jax.Array:
+  """[b] logits of each local row with its own pair (row r of both modalities)."""
+  pos_b = scale * jnp.sum(q_bxD * k_bxD, axis=1)
+  return pos_b + bias if spec.with_bias else pos_b
+
+
+def row_stats_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, spec: RowLoss,
+                   pairs_per_row: int | None = None):
+  """(loss, metrics) of a `RowLoss` under any impl of `ctx`: global, gather or ring.
+
+  Each direction's sum over the global rows is divided by the global batch, times
+  `pairs_per_row` for losses that sum over pairs; symmetric losses average the directions.
+  """
+  from mmcl.losses import ring  # ring imports this module for RowLoss.
+  b = zimg_bxD.shape[0]
+  offset, batch = ctx.global_rows(b)
+  bias = ctx.bias if spec.with_bias else None
+  if spec.with_bias and bias is None:
+    raise ValueError('This loss needs a learned bias: set config.model.bias_init '
+                     '(SigLIP uses -10.0).')
+  directions = {'i2t': (zimg_bxD, ztxt_bxD)}
+  if spec.symmetric:
+    directions['t2i'] = (ztxt_bxD, zimg_bxD)
+  normaliser = batch * (pairs_per_row or 1)
+  metrics = {}
+  for name, (q_bxD, k_bxD) in directions.items():
+    pos_b = positive_logits(spec, q_bxD, k_bxD, ctx.scale, bias)
+    if ctx.impl == 'ring':
+      stats = ring.ring_row_stats(spec, q_bxD, k_bxD, ctx.scale, bias, pos_b,
+                                  axis_names=ctx.axis_names, chunk=ctx.chunk)
+    else:
+      is_pos_bxB = (offset + jnp.arange(b))[:, None] == jnp.arange(batch)[None, :]
+      logits_bxB = spec.logits(q_bxD, ctx.all_gather(k_bxD), ctx.scale, bias)
+      stats = spec.stats(logits_bxB, is_pos_bxB, pos_b[:, None])
+    metrics[f'loss_{name}'] = ctx.psum(jnp.sum(spec.finish(pos_b, stats))) / normaliser
+  metrics['pos_logit_mean'] = ctx.psum(jnp.sum(
+      positive_logits(spec, zimg_bxD, ztxt_bxD, ctx.scale, bias))) / batch
+  loss = sum(metrics[f'loss_{n}'] for n in directions) / len(directions)
+  return loss, metrics
+
+
+# f(logits_bxB, targets_bxB) -> sum over the b local rows.
 RowFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 

@@ -5,24 +5,28 @@ Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training":
 
 Every pair is scored once: with `impl='gather'` each device scores its b local images
 against all B gathered texts (one b x B block), and the sum over devices covers all pairs.
+With `impl='ring'` the text blocks travel around the devices and each tile's sum is added
+as it is scored (ring.py): memory O(b).
 """
 import jax
 import jax.numpy as jnp
 
+from mmcl.losses import rows
 from mmcl.losses.registry import LossContext, register_loss
 
 
-@register_loss('sigmoid', impls=('global', 'gather'), needs_bias=True)
+def _pair_terms(logits_rxc, is_pos_rxc, pos_rx1):
+  del pos_rx1
+  signs_rxc = jnp.where(is_pos_rxc, 1.0, -1.0).astype(logits_rxc.dtype)
+  return {'sum': -jnp.sum(jax.nn.log_sigmoid(signs_rxc * logits_rxc), axis=1)}
+
+
+SIGMOID = rows.RowLoss(stats=_pair_terms, kinds={'sum': 'sum'},
+                       finish=lambda pos_r, s: s['sum'], symmetric=False, with_bias=True)
+
+
+@register_loss('sigmoid', impls=('global', 'gather', 'ring'), needs_bias=True)
 def sigmoid_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
-  if ctx.bias is None:
-    raise ValueError("The 'sigmoid' loss needs a learned bias: set config.model.bias_init "
-                     '(SigLIP uses -10.0).')
-  b = zimg_bxD.shape[0]
-  offset, batch = ctx.global_rows(b)
-  ztxt_BxD = ctx.all_gather(ztxt_bxD)
-  logits_bxB = ctx.scale * zimg_bxD @ ztxt_BxD.T + ctx.bias
-  is_pos_bxB = (offset + jnp.arange(b))[:, None] == jnp.arange(batch)[None, :]
-  signs_bxB = jnp.where(is_pos_bxB, 1.0, -1.0).astype(logits_bxB.dtype)
-  total = ctx.psum(-jnp.sum(jax.nn.log_sigmoid(signs_bxB * logits_bxB)))
-  pos = ctx.psum(jnp.sum(jnp.where(is_pos_bxB, logits_bxB, 0.0)))
-  return total / batch, {'pos_logit_mean': pos / batch}
+  loss, metrics = rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, SIGMOID)
+  del metrics['loss_i2t']  # The only direction: equal to the loss.
+  return loss, metrics
