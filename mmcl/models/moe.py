@@ -167,8 +167,10 @@ def entropy(p_xE, axis=-1):
 def expert_mlp(params, x_XxExCxM, dtype):
   """The E expert MLPs on their buffers (any leading dims X)."""
   wi, bi, wo, bo = (params[n].astype(dtype) for n in ('wi', 'bi', 'wo', 'bo'))
-  h = jnp.einsum('...ecm,emh->...ech', x_XxExCxM, wi) + bi[:, None, :]
-  return jnp.einsum('...ech,ehm->...ecm', nn.gelu(h), wo) + bo[:, None, :]
+  lead = (1,) * (x_XxExCxM.ndim - 3)
+  h = jnp.einsum('...ecm,emh->...ech', x_XxExCxM, wi) + bi.reshape(lead + (bi.shape[0], 1, -1))
+  y = jnp.einsum('...ech,ehm->...ecm', nn.gelu(h), wo)
+  return y + bo.reshape(lead + (bo.shape[0], 1, -1))
 
 
 def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,

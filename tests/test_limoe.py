@@ -1,0 +1,131 @@
+"""LIMoE model: interface like TwoTowers, modality separation, aux losses, training."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import limoe_demo
+from mmcl import models
+from mmcl.models import moe
+from mmcl.train import loop
+from mmcl.train import metrics as metrics_lib
+
+B, IMG, VOCAB, EMBED = 4, 16, 50, 16
+# Groups of 4 tokens: an image (2x2 patches) and half a text, so routing groups never
+# cross devices on any mesh used here and sharded == unsharded.
+MOE = dict(num_experts=4, every=1, group_size=4, local_entropy_weight=0.1,
+           global_entropy_weight=0.1, importance_weight=0.1)
+
+
+def _model(**kw):
+  cfg = dict(name='limoe', variant='pico/8', moe=MOE, embed_dim=EMBED, vocab_size=VOCAB,
+             max_len=16, temperature_init=10.0)
+  cfg.update(kw)
+  return models.get_model(cfg)
+
+
+def _inputs():
+  image = jax.random.normal(jax.random.key(1), (B, IMG, IMG, 3))
+  text = jax.random.randint(jax.random.key(2), (B, 8), 1, VOCAB)
+  return image, text
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = _model()
+  image, text = _inputs()
+  return model, jax.jit(model.init)(jax.random.key(0), image, text), image, text
+
+
+def _apply(model, params, image, text):
+  # Jitted: op-by-op dispatch of the routing code is slow on a shared CPU.
+  return jax.jit(model.apply)(params, image, text)
+
+
+def test_outputs_like_two_towers(setup):
+  model, params, image, text = setup
+  zimg, ztxt, out = _apply(model, params, image, text)
+  assert zimg.shape == ztxt.shape == (B, EMBED)
+  np.testing.assert_allclose(jnp.linalg.norm(zimg, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out['t'], 10.0, rtol=1e-6)
+  assert 'b' not in out
+  # One encoder shared by both modalities; per-modality embeddings and heads.
+  p = params['params']
+  assert {'Transformer', 'img_embedding', 'txt_embedding', 'img_head', 'txt_head'} <= set(p)
+  assert p['Transformer']['encoderblock_0']['moe']['wi'].shape[0] == 4
+  # Evaluation embeds one modality at a time; the other output is None.
+  zimg1, none, out1 = _apply(model, params, image, None)
+  assert none is None
+  np.testing.assert_allclose(zimg1, zimg, atol=1e-6)
+  assert all('/image/' in k for k in out1['metrics'])
+  none, ztxt1, _ = _apply(model, params, None, text)
+  assert none is None
+  np.testing.assert_allclose(ztxt1, ztxt, atol=1e-6)
+
+
+def test_modalities_do_not_attend_to_each_other(setup):
+  model, params, image, text = setup
+  zimg, _, _ = _apply(model, params, image, text)
+  zimg2, _, _ = _apply(model, params, image, text[:, ::-1])  # Other texts, same images.
+  np.testing.assert_allclose(zimg2, zimg, atol=1e-6)
+
+
+def test_aux_loss_sums_weighted_losses_of_both_modalities(setup):
+  model, params, image, text = setup
+  _, _, out = _apply(model, params, image, text)
+  m = out['metrics']
+  want = 0.0
+  for layer in (0, 1):
+    for mod in ('image', 'text'):
+      pre = f'moe/layer{layer}/{mod}/'
+      want += 0.1 * (m[pre + 'local_entropy_loss'] + m[pre + 'global_entropy_loss']
+                     + m[pre + 'importance_loss'])
+      np.testing.assert_allclose(sum(m[f'{pre}expert{e}'] for e in range(4)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(out['aux_loss'], want, rtol=1e-5)
+  assert float(out['aux_loss']) > 0
+  # Aux losses carry gradient to the shared router.
+  g = jax.jit(jax.grad(lambda p: model.apply({'params': p}, image, text)[2]['aux_loss']))(
+      params['params'])
+  assert float(jnp.abs(g['Transformer']['encoderblock_0']['moe']['router']).max()) > 0
+
+
+def test_bad_configs_fail_at_construction():
+  with pytest.raises(ValueError, match=r"Unknown MoE field\(s\) \['experts'\]"):
+    _model(moe=dict(experts=4))
+  with pytest.raises(ValueError, match=r'k=3 must be in \[1, num_experts=2\]'):
+    _model(moe=dict(num_experts=2, k=3))
+  with pytest.raises(ValueError, match=r'MoE layers \[5\] out of range for depth 2'):
+    _model(moe=dict(layers=[5]))
+  with pytest.raises(ValueError, match=r"image_pool 'tok'.*valid"):
+    _model(image_pool='tok')
+
+
+def test_sharded_limoe_matches_unsharded(setup):
+  model, params, image, text = setup
+  want = _apply(model, params, image, text)
+  mesh = jax.make_mesh((2, 2), ('data', 'expert'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    got = jax.jit(model.apply)(params, image, text)
+  np.testing.assert_allclose(got[0], want[0], atol=2e-6)
+  np.testing.assert_allclose(got[1], want[1], atol=2e-6)
+  np.testing.assert_allclose(got[2]['aux_loss'], want[2]['aux_loss'], rtol=1e-5)
+
+
+def test_limoe_demo_trains_and_logs_utilisation(shapes_data_dir, tmp_path):
+  c = limoe_demo.get_config('tiny')
+  c.data_dir = shapes_data_dir
+  c.progress_bar = False
+  c.total_steps, c.log_every, c.ckpt_every = 60, 1, 1000
+  c.evals = {}
+  loop.run(c, str(tmp_path))
+  rows = [r for r in metrics_lib.read_metrics(str(tmp_path)) if 'train/loss' in r]
+  losses = [r['train/loss'] for r in rows]
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+  last = rows[-1]
+  layers = moe.MoeSpec.make(c.model.moe.to_dict()).layer_ids(2)
+  for mod in ('image', 'text'):
+    use = [last[f'train/moe/layer{layers[0]}/{mod}/expert{e}'] for e in range(4)]
+    np.testing.assert_allclose(sum(use), 1.0, rtol=1e-5)
+    assert 0 <= last[f'train/moe/layer{layers[0]}/{mod}/dropped'] <= 1
+  assert last['train/total_loss'] > last['train/loss']  # The aux losses were added.
