@@ -2,7 +2,8 @@
 
 Named data ship with the package (mmcl/evaluate/classnames/*.txt, one entry a line):
   classnames 'imagenet'   the 1,000 ImageNet-1k names as curated for CLIP (OpenAI's list,
-                          index = ImageNet label; it keeps CLIP's duplicate 'missile').
+                          index = ImageNet label; kept as published, with its two repeated
+                          names: 'missile' at 657/744 and 'sunglasses' at 836/837).
   classnames 'tfds'       the names of the dataset's ClassLabel feature, '_' -> ' '.
   prompts 'clip80'        the 80 ImageNet templates of the CLIP paper.
   prompts 'clip7'         CLIP's 7-template subset (Prompt_Engineering_for_ImageNet.ipynb).
@@ -70,13 +71,19 @@ def classnames(spec, builder, label_key: str) -> tuple[str, ...]:
   if not hasattr(feature, 'names'):
     raise ValueError(f'{builder.name} has no ClassLabel feature {label_key!r}; '
                      f'features: {sorted(features)}')
-  return tuple(n.replace('_', ' ') for n in feature.names)
+  names = tuple(n.replace('_', ' ') for n in feature.names)
+  if names == tuple(map(str, range(len(names)))):  # ClassLabel(num_classes=...) alone.
+    raise ValueError(f'{builder.name} has no class names in its metadata (only 0..'
+                     f'{len(names) - 1}); is it prepared in data_dir? Or give `classnames`.')
+  return names
 
 
 def class_subset(spec) -> tuple[int, ...] | None:
-  """Indices (into the full class list) a benchmark scores over, or None for all classes."""
-  if spec is None or not isinstance(spec, str):
-    return None if spec is None else tuple(int(i) for i in spec)
+  """Indices (into the full class list) a benchmark scores over; None (or []) = all classes."""
+  if not spec:
+    return None
+  if not isinstance(spec, str):
+    return tuple(int(i) for i in spec)
   if spec not in _SUBSET_FILES:
     raise ValueError(f'Unknown class subset {spec!r}; valid: {sorted(_SUBSET_FILES)} or a '
                      'list of class indices.')

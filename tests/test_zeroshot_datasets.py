@@ -1,0 +1,221 @@
+"""Zero-shot and retrieval over mocked TFDS datasets (imagenet2012 and variants, coco_captions).
+
+`tfds.testing.mock_data` serves hand-made examples: every image is one flat colour whose
+first two channels spell an image id, so a stub image tower can read the id back after
+resize_small/central_crop/value_range and embed whatever the test wants. The stub text
+tower maps each expected text (found by an integer fingerprint of its tokens) to a vector.
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mmcl.data import tokenizers
+from mmcl.evaluate import predict, prompts, retrieval, zeroshot
+from mmcl.parallel import mesh as mesh_lib
+from test_evaluate import StubModel
+
+PP = 'decode|resize_small(24)|central_crop(24)|value_range(-1, 1)'
+TEXT_LEN = 48
+NUM = 1000
+# CLIP's list names two pairs alike ('missile', 'sunglasses'): identical classifiers, so ties.
+DUPLICATE = (657, 744, 836, 837)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return mesh_lib.create_mesh([('data', -1)])
+
+
+def coloured_image(i, rng):
+  h, w = rng.choice([(30, 44), (44, 30), (24, 24)])  # Both orientations: resize_small.
+  return np.broadcast_to(np.array([i % 256, i // 256, 9], np.uint8), (h, w, 3)).copy()
+
+
+def image_tower(targets):
+  """Reads the id of a flat-coloured image and returns targets[id]."""
+  targets = jnp.asarray(targets, jnp.float32)
+
+  def fn(images):
+    rgb = jnp.round((images[:, 12, 12, :2] + 1.0) * 127.5).astype(jnp.int32)
+    return targets[rgb[:, 0] + 256 * rgb[:, 1]]
+
+  return fn
+
+
+def text_tower(texts, targets):
+  """Maps the token row of texts[i] to targets[i]; other texts map to 0."""
+  tok = tokenizers.get_tokenizer('bytes')
+  rows = tok.tokenize(list(texts), TEXT_LEN).astype(np.int64)
+  # Small weights keep the fingerprint exact in int32 (jax without x64): 48 * 258 * 2^17 < 2^31.
+  w = np.random.default_rng(0).integers(1, 2**17, size=TEXT_LEN)
+  fps, inverse = np.unique(rows @ w, return_inverse=True)
+  table = np.zeros((len(fps), targets.shape[1]))
+  np.add.at(table, inverse, targets)  # Identical texts share (sum) their targets.
+  fps_j, table_j, w_j = jnp.asarray(fps), jnp.asarray(table, jnp.float32), jnp.asarray(w)
+
+  def fn(tokens):
+    fp = tokens.astype(jnp.int32) @ w_j.astype(jnp.int32)
+    return (fp[:, None] == fps_j[None, :]).astype(jnp.float32) @ table_j
+
+  return fn
+
+
+def mock(examples, splits_seen=None):
+  """mock_data serving `examples` (a list of feature dicts) for any split."""
+  def spec(v):
+    v = np.asarray(v)
+    return tf.TensorSpec([None] * v.ndim, tf.as_dtype(v.dtype))
+
+  def as_dataset(self, split, *args, **kwargs):
+    del args, kwargs
+    if splits_seen is not None:
+      splits_seen.append((self.name, str(split)))
+    sig = {k: ({kk: spec(vv) for kk, vv in v.items()} if isinstance(v, dict) else spec(v))
+           for k, v in examples[0].items()}
+    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=sig)
+
+  return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def imagenet_classifier_texts(prompt_set='clip7'):
+  names, temps = prompts.classnames('imagenet', None, 'label'), prompts.templates(prompt_set)
+  texts = [t.format(c) for c in names for t in temps]
+  return texts, np.repeat(np.eye(NUM), len(temps), axis=0)
+
+
+def evaluator(mesh, targets, datasets, prompt_set='classname', **kw):
+  """Class-name prompts keep most tests fast; one test runs CLIP's 7 templates."""
+  texts, text_targets = imagenet_classifier_texts(prompt_set)
+  model = StubModel(image_fn=image_tower(targets), text_fn=text_tower(texts, text_targets))
+  return zeroshot.ZeroShotEvaluator(predict.Predictor(model, mesh), tokenizer='bytes',
+                                    text_len=TEXT_LEN, pp_img=PP, datasets=datasets,
+                                    prompts=prompt_set, batch_size=16, **kw)
+
+
+def test_packaged_class_names_and_prompts():
+  names = prompts.classnames('imagenet', None, 'label')
+  assert len(names) == NUM and names[:3] == ('tench', 'goldfish', 'great white shark')
+  assert names[-1] == 'toilet paper' and names[21] == 'kite (bird of prey)'
+  dup = {n for n in names if names.count(n) > 1}
+  assert dup == {'missile', 'sunglasses'} and [i for i, n in enumerate(names) if n in dup] == list(DUPLICATE)
+  p80, p7 = prompts.templates('clip80'), prompts.templates('clip7')
+  assert len(set(p80)) == 80 and len(set(p7)) == 7 and set(p7) < set(p80)
+  assert 'itap of a {}.' in p7 and 'a photo of a {}.' in p80
+  for subset in ('imagenet_a', 'imagenet_r'):
+    idx = prompts.class_subset(subset)
+    assert len(set(idx)) == 200 and list(idx) == sorted(idx) and max(idx) < NUM
+  a, r = set(prompts.class_subset('imagenet_a')), set(prompts.class_subset('imagenet_r'))
+  assert 0 < len(a & r) < 200  # Different subsets that overlap.
+  assert names[prompts.class_subset('imagenet_a')[0]] == 'stingray'  # n01498041.
+  assert names[prompts.class_subset('imagenet_r')[0]] == 'goldfish'  # n01443537.
+  assert prompts.normalize('A Photo, of: the "Cat".', lowercase=True) == 'a photo, of: the "cat".'
+  assert prompts.normalize('A  Photo, of the Cat.', strip_punctuation=True) == 'A Photo of the Cat'
+
+
+def _label_examples(labels, rng, key='label'):
+  return [{'image': coloured_image(i, rng), key: l} for i, l in enumerate(labels)]
+
+
+def test_imagenet_1000_classes_perfect_and_shuffled(mesh):
+  rng = np.random.default_rng(0)
+  labels = rng.choice(np.setdiff1d(np.arange(NUM), DUPLICATE), size=40, replace=False)
+  seen = []
+  with mock(_label_examples(labels, rng), seen):
+    ev = evaluator(mesh, np.eye(NUM)[labels], ['imagenet2012', 'imagenet_v2'], 'clip7')
+    calls = []
+    texts = ev.predictor.texts
+    ev.predictor.texts = lambda *a, **k: calls.append(1) or texts(*a, **k)
+    m = ev.run({})
+  assert seen == [('imagenet2012', 'validation'), ('imagenet_v2', 'test')]
+  assert m == {f'zeroshot/{d}/top{k}': 1.0 for d in ('imagenet2012', 'imagenet_v2')
+               for k in (1, 5)}
+  assert len(calls) == 1  # One classifier for both datasets.
+  perm = rng.permutation(len(labels))
+  with mock(_label_examples(labels, rng)):
+    m = evaluator(mesh, np.eye(NUM)[labels[perm]], ['imagenet2012']).run({})
+  assert m['zeroshot/imagenet2012/top1'] == np.mean(labels[perm] == labels) < 0.1
+
+
+@pytest.mark.parametrize('name', ['imagenet_a', 'imagenet_r'])
+def test_200_class_subset_mapping(mesh, name):
+  """Images score class 0 (outside the subset) highest and their true class second."""
+  rng = np.random.default_rng(1)
+  subset = np.array(prompts.class_subset(name))
+  assert 0 not in subset
+  labels = rng.choice(subset, size=30, replace=False)
+  targets = np.eye(NUM)[labels] + 2.0 * np.eye(NUM)[0]
+  seen = []
+  with mock(_label_examples(labels, rng), seen):
+    m = evaluator(mesh, targets, [name]).run({})
+    assert seen == [(name, 'test')]
+    assert m == {f'zeroshot/{name}/top1': 1.0, f'zeroshot/{name}/top5': 1.0}
+    full = evaluator(mesh, targets, [dict(dataset=name, class_subset=[], name='all')]).run({})
+    assert full['zeroshot/all/top1'] == 0.0 and full['zeroshot/all/top5'] == 1.0
+    outside = np.setdiff1d(np.arange(NUM), subset)[:3]
+  with mock(_label_examples(outside, rng)):
+    with pytest.raises(ValueError, match='outside its class subset of 200'):
+      evaluator(mesh, np.eye(NUM)[outside], [name]).run({})
+
+
+def test_imagenet_real_any_correct_skips_empty(mesh):
+  rng = np.random.default_rng(2)
+  sets = [[5, 9], [9], [], [1, 2, 3], [], [7], [11, 12]]
+  predicted = [9, 9, 4, 8, 4, 7, 13]  # Hits: rows 0, 1, 5 of the 5 non-empty sets.
+  examples = [{'image': coloured_image(i, rng), 'real_label': np.array(s, np.int64)}
+              for i, s in enumerate(sets)]
+  with mock(examples):
+    m = evaluator(mesh, np.eye(NUM)[predicted], ['imagenet2012_real']).run({})
+  assert m['zeroshot/imagenet2012_real/top1'] == pytest.approx(3 / 5)
+
+
+def test_any_tfds_dataset_uses_metadata_class_names(mesh):
+  with mock([{'image': np.zeros((8, 8, 3), np.uint8), 'label': 0}]):
+    ev = evaluator(mesh, np.eye(NUM),
+                   ['oxford_iiit_pet', dict(dataset='oxford_iiit_pet', prompts='clip7',
+                                            name='pet_names')])
+    # CIFAR's names come from its prepared metadata, absent here: a clear error.
+    with pytest.raises(ValueError, match='cifar10 has no class names in its metadata'):
+      evaluator(mesh, np.eye(NUM), ['cifar10'])
+  pets, pet_names = ev.sources
+  assert pets['tasks'][None]['classnames'][:2] == ('Abyssinian', 'american bulldog')
+  assert pets['tasks'][None]['prompts'] == ('{}',)
+  assert pet_names['tasks'][None]['prefix'] == 'zeroshot/pet_names'
+  assert pet_names['tasks'][None]['prompts'] == prompts.templates('clip7')
+  with pytest.raises(ValueError, match="Unknown zero-shot dataset fields \\['labels'\\]"):
+    evaluator(mesh, np.eye(NUM), [dict(dataset='cifar10', labels='x')])
+
+
+def test_coco_captions_multi_caption_retrieval(mesh):
+  rng = np.random.default_rng(3)
+  n = 12
+  counts = rng.integers(5, 8, size=n)  # COCO has 5 to 7 captions per image.
+  caps = [[f'Image {i} Caption {j}' for j in range(c)] for i, c in enumerate(counts)]
+  examples = [{'image': coloured_image(i, rng),
+               'captions': {'text': np.array(c, object).astype(bytes),
+                            'id': np.arange(len(c), dtype=np.int64)}}
+              for i, c in enumerate(caps)]
+  flat = [c.lower() for cs in caps for c in cs]  # Found only if lowercasing is applied.
+  text_targets = np.eye(n)[np.repeat(np.arange(n), counts)]
+
+  def run(img_targets):
+    model = StubModel(image_fn=image_tower(img_targets), text_fn=text_tower(flat, text_targets))
+    with mock(examples):
+      ev = retrieval.RetrievalEvaluator(predict.Predictor(model, mesh), dataset='coco_captions',
+                                        pp_img=PP, tokenizer='bytes', text_len=TEXT_LEN,
+                                        lowercase=True, batch_size=8, chunk=5)
+      assert ev.captions_key == 'captions/text'
+      return ev.run({})
+
+  m = run(np.eye(n))
+  for d in ('i2t', 't2i'):
+    assert m[f'retrieval/coco_captions/{d}_r1'] == 1.0
+    assert m[f'retrieval/coco_captions/{d}_mean_rank'] == 1.0
+  perm = rng.permutation(n)
+  m = run(np.eye(n)[perm])
+  # Image i embeds as image perm[i]: found iff perm[i] == i; ranks are then exact ties.
+  want = np.mean(perm == np.arange(n))
+  assert m['retrieval/coco_captions/i2t_r1'] == pytest.approx(want)
+  assert m['retrieval/coco_captions/t2i_r1'] == pytest.approx(
+      np.sum(counts[perm == np.arange(n)]) / counts.sum())
