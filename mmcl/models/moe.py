@@ -188,12 +188,12 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
   s = group_size_for(b * l, spec.group_size)
   g, c = b * l // s, spec.capacity(s, train)
   x_GxSxM = x_BxLxM.reshape(g, s, m)
-  logits_GxSxE = jnp.einsum('gsm,me->gse', x_GxSxM.astype(jnp.float32),
-                            params['router'].astype(jnp.float32))
+  rdt = jnp.promote_types(x_BxLxM.dtype, jnp.float32)  # Route in >= float32, even for bf16.
+  logits_GxSxE = jnp.einsum('gsm,me->gse', x_GxSxM.astype(rdt), params['router'].astype(rdt))
   probs_GxSxE = jax.nn.softmax(logits_GxSxE)
   noisy_GxSxE = logits_GxSxE
   if noise_BxLxE is not None:
-    noisy_GxSxE = logits_GxSxE + noise_BxLxE.reshape(g, s, e).astype(jnp.float32)
+    noisy_GxSxE = logits_GxSxE + noise_BxLxE.reshape(g, s, e).astype(rdt)
   gates_GxSxE = jax.nn.softmax(noisy_GxSxE)
   combine_GxSxExC, kept_GxSxK, experts_GxSxK = route(
       gates_GxSxE, k=spec.k, capacity=c, bpr=spec.bpr)
