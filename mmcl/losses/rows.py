@@ -74,20 +74,20 @@ def row_stats_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, spec: RowLoss,
   directions = {'i2t': (zimg_bxD, ztxt_bxD)}
   if spec.symmetric:
     directions['t2i'] = (ztxt_bxD, zimg_bxD)
+  pos_b = positive_logits(spec, zimg_bxD, ztxt_bxD, ctx.scale, bias)  # Same both ways.
+  if ctx.impl == 'ring':  # One pass of the ring gives both directions.
+    stats = dict(zip(('i2t', 't2i'), ring.ring_stats(
+        spec, zimg_bxD, ztxt_bxD, ctx.scale, bias, pos_b, axis_names=ctx.axis_names,
+        chunk=ctx.chunk)))
+  else:
+    is_pos_bxB = (offset + jnp.arange(b))[:, None] == jnp.arange(batch)[None, :]
+    stats = {name: spec.stats(spec.logits(q_bxD, ctx.all_gather(k_bxD), ctx.scale, bias),
+                              is_pos_bxB, pos_b[:, None])
+             for name, (q_bxD, k_bxD) in directions.items()}
   normaliser = batch * (pairs_per_row or 1)
-  metrics = {}
-  for name, (q_bxD, k_bxD) in directions.items():
-    pos_b = positive_logits(spec, q_bxD, k_bxD, ctx.scale, bias)
-    if ctx.impl == 'ring':
-      stats = ring.ring_row_stats(spec, q_bxD, k_bxD, ctx.scale, bias, pos_b,
-                                  axis_names=ctx.axis_names, chunk=ctx.chunk)
-    else:
-      is_pos_bxB = (offset + jnp.arange(b))[:, None] == jnp.arange(batch)[None, :]
-      logits_bxB = spec.logits(q_bxD, ctx.all_gather(k_bxD), ctx.scale, bias)
-      stats = spec.stats(logits_bxB, is_pos_bxB, pos_b[:, None])
-    metrics[f'loss_{name}'] = ctx.psum(jnp.sum(spec.finish(pos_b, stats))) / normaliser
-  metrics['pos_logit_mean'] = ctx.psum(jnp.sum(
-      positive_logits(spec, zimg_bxD, ztxt_bxD, ctx.scale, bias))) / batch
+  metrics = {f'loss_{name}': ctx.psum(jnp.sum(spec.finish(pos_b, stats[name]))) / normaliser
+             for name in directions}
+  metrics['pos_logit_mean'] = ctx.psum(jnp.sum(pos_b)) / batch
   loss = sum(metrics[f'loss_{n}'] for n in directions) / len(directions)
   return loss, metrics
 
