@@ -97,6 +97,7 @@ def format_table(metrics: dict[str, float], step: int | None = None) -> str:
   width = max((len(t) for g in groups.values() for t, _ in g), default=0)
   lines = [f'Evaluation at step {step}'] if step is not None else []
   for head, items in groups.items():
-    lines.append(head)
-    lines += [f'  {t:<{width}}  {v:10.4f}' for t, v in items]
+    if head:
+      lines.append(head)
+    lines += [f'{"  " if head else ""}{t:<{width}}  {v:10.4f}' for t, v in items]
   return '\n'.join(lines)
