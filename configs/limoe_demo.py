@@ -1,7 +1,7 @@
 r"""Demo: a small LIMoE (one sparse transformer for images and texts) on synthetic shapes.
 
 Same data, loss and evaluations as configs/demo.py; the two towers are replaced by one
-shared encoder with 4 experts in every 2nd layer (top-1, Batch Prioritized Routing) and
+shared 2-layer encoder with 4 experts in each layer (top-1, Batch Prioritized Routing) and
 LIMoE's per-modality entropy losses. Expert utilisation per layer and modality goes to
 metrics.jsonl (train/moe/layer<i>/<image|text>/expert<e>):
 
@@ -28,7 +28,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   old = c.model
   c.model = ml_collections.ConfigDict(dict(
       name='limoe',
+      # Depth 2 (MoE in both layers) keeps the CPU cost near the dense demo's, where the
+      # text tower had one layer: here every text token goes through the shared encoder.
       variant='pico/8' if tiny else 'nano/16',
+      depth=2,
       embed_dim=old.embed_dim,
       text_style=old.text.style,
       vocab_size=old.text.vocab_size,
@@ -39,10 +42,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       dtype=old.dtype,
       remat=old.remat,
       moe=dict(
-          num_experts=num_experts, k=1, every=2, capacity_factor=1.0,
-          eval_capacity_factor=2.0, group_size=256, bpr=True,
+          num_experts=num_experts, k=1, every=1, capacity_factor=1.0,
+          eval_capacity_factor=2.0, group_size=64, bpr=True,
           importance_weight=0.0, load_weight=0.0,
-          local_entropy_weight=0.01, global_entropy_weight=0.01,
+          local_entropy_weight=0.01, global_entropy_weight=0.1,
           # Each modality may settle on half the experts before being pushed to spread.
           global_entropy_tau=math.log(num_experts / 2)),
   ))
