@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2,<0.3",
     "tensorboardX>=2.6,<3",
     "tqdm>=4.66,<5",
+    "matplotlib>=3.11,<4",  # tools/plot_experts.py
 ]
 
 setuptools.setup(

@@ -376,3 +376,16 @@ class MoeEncoder(nn.Module):
     x_BxLxD = nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE,
                            name='encoder_norm')(x_BxLxD)
     return x_BxLxD, {'loss': jnp.asarray(loss, jnp.float32), 'metrics': metrics}
+
+
+def utilisation(row: Mapping[str, float], prefix: str = 'train/') -> dict:
+  """{modality: {layer: [fraction of its tokens per expert]}} from one metrics row
+  (names as MoeEncoder writes them: '<prefix>moe/layer<i>/<modality>/expert<e>')."""
+  found = {}
+  for name, v in row.items():
+    parts = name[len(prefix):].split('/') if name.startswith(prefix) else []
+    if len(parts) == 4 and parts[0] == 'moe' and parts[3].startswith('expert'):
+      layer, mod, e = int(parts[1][len('layer'):]), parts[2], int(parts[3][len('expert'):])
+      found.setdefault(mod, {}).setdefault(layer, {})[e] = float(v)
+  return {mod: {layer: [es[e] for e in sorted(es)] for layer, es in sorted(layers.items())}
+          for mod, layers in found.items()}
