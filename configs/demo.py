@@ -76,12 +76,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       ))
   c.evals.retrieval = dict(type='retrieval', every=0, dataset=dataset, split='test',
                            pp_img=pp_img, batch_size=256)
-  # Few-shot ridge probes of the image tower on shape; penalty chosen on 5 more per class.
+  # Few-shot ridge probes of the image tower on shape (penalty chosen on 5 more images per
+  # class) and the modality-gap diagnostics; small slices keep the demo's eval phase short.
   c.evals.probe = dict(type='probe', every=0, dataset=dataset, label_key='shape',
-                       train_split='train' if tiny else 'train[:1000]', test_split='test',
-                       shots=(1, 5, 10), seeds=2, pp_img=pp_img, batch_size=256)
-  c.evals.geometry = dict(type='geometry', every=0, dataset=dataset, split='test',
-                          pp_img=pp_img, batch_size=256)
+                       train_split='train' if tiny else 'train[:400]',
+                       test_split='test' if tiny else 'test[:1000]', shots=(1, 5, 10),
+                       seeds=2, pp_img=pp_img, batch_size=256)
+  c.evals.geometry = dict(type='geometry', every=0, dataset=dataset,
+                          split='test' if tiny else 'test[:1000]', pp_img=pp_img,
+                          batch_size=256)
   return c
 
 

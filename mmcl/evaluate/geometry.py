@@ -61,7 +61,10 @@ def pair_auc(x_NxD, y_NxD, chunk: int = 2048) -> float:
 
 
 def effective_rank(x_NxD) -> float:
-  s = np.linalg.svd(np.asarray(x_NxD, np.float64), compute_uv=False)
+  x = np.asarray(x_NxD, np.float64)
+  # Singular values from the smaller Gram matrix: [D, D] for N >> D (cheaper than an SVD).
+  gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T
+  s = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None))
   p = s / s.sum()
   p = p[p > 0]
   return float(np.exp(-np.sum(p * np.log(p))))
@@ -117,7 +120,7 @@ class GeometryEvaluator:
     texts = [c[0].decode('utf-8') if isinstance(c[0], bytes) else str(c[0])
              for c, h in zip(captions, has) if h]
     texts = [prompts_lib.normalize(t, self.lowercase, self.strip_punctuation) for t in texts]
-    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len),
-                                self.batch_size)
+    # Texts are cheap per row: the Predictor's larger default batch keeps matmuls big.
+    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len))
     zimg, ztxt = predict.host_concat(zimg[has]), predict.host_concat(ztxt)
     return geometry_metrics(zimg, ztxt, f'geometry/{self.name}')

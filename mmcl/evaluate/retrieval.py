@@ -82,8 +82,8 @@ class RetrievalEvaluator:
         c = c.decode('utf-8') if isinstance(c, bytes) else str(c)
         texts.append(prompts_lib.normalize(c, self.lowercase, self.strip_punctuation))
         image_of_text.append(i)
-    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len),
-                                self.batch_size)
+    # Texts are cheap per row: the Predictor's larger default batch keeps matmuls big.
+    ztxt = self.predictor.texts(params, self.tokenizer.tokenize(texts, self.text_len))
     # Every process gathers all rows; image ids move by the images of earlier processes.
     offset = int(np.sum(predict.host_concat(np.array([len(zimg)]))[:jax.process_index()]))
     zimg, ztxt = predict.host_concat(zimg), predict.host_concat(ztxt)
