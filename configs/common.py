@@ -29,7 +29,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'softmax'
-  c.loss.impl = 'gather'
+  c.loss.impl = 'gather'  # 'global' | 'gather' | 'ring' (O(b) memory; see mmcl/losses/ring.py).
+  c.loss.chunk = 1024  # Ring tile side.
+  c.loss.extras = ml_collections.ConfigDict()  # Loss input name -> batch key, e.g. labels.
+  # Scale t of the logits: 'learned' (the model's), 'fixed' (value) or 'cosine'/'linear'
+  # from init to end over the run.
+  c.temperature = ml_collections.ConfigDict(
+      dict(type='learned', value=config_dict.placeholder(float),
+           init=config_dict.placeholder(float), end=config_dict.placeholder(float)))
+  c.accum_steps = 1  # GradCache micro-batches: same gradient, less activation memory.
 
   c.lr = 1e-3
   c.optim = ml_collections.ConfigDict()

@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model = models.get_model(config.model)
   loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
                                 **{k: v for k, v in config.loss.items()
-                                   if k not in ('name', 'impl')})
+                                   if k not in ('name', 'impl', 'extras')})
   batch_shapes = _batch_shapes(config, mesh)
   rng = jax.random.key(config.seed)
 
@@ -76,8 +76,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       cache=config.input.cache)
   batches = input_pipeline.global_batches(ds, mesh_lib.batch_sharding(mesh))
 
-  train_step = step_lib.jit_train_step(model, tx, loss_fn, schedule, config.seed,
-                                       state_sharding, mesh_lib.batch_sharding(mesh), mesh)
+  train_step = step_lib.jit_train_step(
+      model, tx, loss_fn, schedule, config.seed, state_sharding, mesh_lib.batch_sharding(mesh),
+      mesh, accum_steps=config.get('accum_steps', 1),
+      temperature=optim.make_temperature(config), loss_extras=dict(config.loss.get('extras', {})))
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
 
   def run_evals(step, final=False):
@@ -93,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   for step in range(start + 1, config.total_steps + 1):
     batch = next(batches)
     if step == start + 1:
-      validate_lib.check_batch(batch, batch_shapes)
+      validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
     state, metrics = train_step(state, batch)
     logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
     ckpt.save(step, state)

@@ -13,6 +13,7 @@ import optax
 from mmcl.parallel.partition import path_str
 
 SCHEDULES = ('cosine', 'linear', 'constant')
+TEMPERATURES = ('learned', 'fixed', 'cosine', 'linear')
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -62,3 +63,32 @@ def make_optimizer(config: ml_collections.ConfigDict, params_shape) -> optax.Gra
       raise ValueError(f'config.optim.freeze={opt.freeze!r} matches no parameter.')
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx
+
+
+def make_temperature(config: ml_collections.ConfigDict):
+  """`config.temperature` -> None (the model's learned scale) or fn(step, learned) -> scale.
+
+  {'type': 'learned'} (default); {'type': 'fixed', 'value': 14.3}; {'type': 'cosine' or
+  'linear', 'init': 10.0, 'end': 100.0}: from init to end over the run. A fixed or scheduled
+  scale leaves the model's `t` parameter unused (zero gradient).
+  """
+  temp = config.get('temperature') or {'type': 'learned'}
+  kind = temp.get('type', 'learned')
+  if kind not in TEMPERATURES:
+    raise ValueError(f'Unknown config.temperature.type {kind!r}; valid: {TEMPERATURES}')
+  if kind == 'learned':
+    return None
+  need = ('value',) if kind == 'fixed' else ('init', 'end')
+  missing = [k for k in need if temp.get(k) is None]
+  if missing:
+    raise ValueError(f'config.temperature.type={kind!r} needs {missing}.')
+  if any(temp[k] <= 0 for k in need):
+    raise ValueError(f'config.temperature {dict(temp)} must be positive.')
+  if kind == 'fixed':
+    schedule = optax.constant_schedule(temp['value'])
+  elif kind == 'cosine':
+    schedule = optax.cosine_decay_schedule(temp['init'], config.total_steps,
+                                           alpha=temp['end'] / temp['init'])
+  else:
+    schedule = optax.linear_schedule(temp['init'], temp['end'], config.total_steps)
+  return lambda step, learned: jax.numpy.asarray(schedule(step), learned.dtype)

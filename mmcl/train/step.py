@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from mmcl.parallel import partition
+from mmcl.train import grad_cache
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_shapes) -> dict:
@@ -29,41 +30,65 @@ def state_shardings(model, tx, rng, batch_shapes, mesh, rules):
 
 
 def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
-               schedule: Callable, seed: int):
-  """Returns (new state, metrics); metrics are replicated scalars."""
+               schedule: Callable, seed: int, accum_steps: int = 1, batch_sharding=None,
+               temperature: Callable | None = None, loss_extras=None):
+  """Returns (new state, metrics); metrics are replicated scalars.
+
+  accum_steps > 1 computes the same gradient with GradCache (see grad_cache.py).
+  temperature(step, learned_scale) -> the scale the loss uses (default: the learned one).
+  loss_extras maps a loss's extra input name to the batch key that holds it.
+  """
   step_rng = jax.random.fold_in(jax.random.key(seed), state['step'])
+  extras = {name: batch[key] for name, key in (loss_extras or {}).items()}
+
+  def embed(params, batch, rng):
+    zimg, ztxt, out = model.apply({'params': params}, batch['image'], batch['text'],
+                                  train=True, rngs={'dropout': rng})
+    heads = {'t': out['t'] if temperature is None else temperature(state['step'], out['t'])}
+    if 'b' in out:
+      heads['b'] = out['b']
+    aux = jnp.asarray(out.get('aux_loss', 0.0), jnp.float32)  # e.g. MoE losses, weighted.
+    return zimg, ztxt, heads, aux, out.get('metrics', {})
+
+  def loss(zimg, ztxt, heads):
+    return loss_fn(zimg, ztxt, heads['t'], heads.get('b'), extras=extras)
 
   def total_loss(params):
-    zimg, ztxt, out = model.apply({'params': params}, batch['image'], batch['text'],
-                                  train=True, rngs={'dropout': step_rng})
-    loss, metrics = loss_fn(zimg, ztxt, out['t'], out.get('b'))
-    aux = out.get('aux_loss', 0.0)  # e.g. MoE load-balancing losses, already weighted.
-    return loss + aux, (loss, metrics, out)
+    zimg, ztxt, heads, aux, model_metrics = embed(params, batch, step_rng)
+    value, loss_metrics = loss(zimg, ztxt, heads)
+    return value + aux, (value, loss_metrics, heads, model_metrics)
 
-  grad_fn = jax.value_and_grad(total_loss, has_aux=True)
-  (total, (loss, loss_metrics, out)), grads = grad_fn(state['params'])
+  if accum_steps == 1:
+    result, grads = jax.value_and_grad(total_loss, has_aux=True)(state['params'])
+  else:
+    result, grads = grad_cache.value_and_grad(
+        state['params'], batch, embed=embed, loss=loss, accum_steps=accum_steps,
+        rng=step_rng, batch_sharding=batch_sharding)
+  total, (value, loss_metrics, heads, model_metrics) = result
   updates, opt = tx.update(grads, state['opt'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   metrics = {
-      'train/loss': loss,
+      'train/loss': value,
       'train/total_loss': total,
       'train/grad_norm': optax.tree.norm(grads),
       'train/param_norm': optax.tree.norm(params),
       'train/lr': schedule(state['step']),
-      'train/t': out['t'],
+      **{f'train/{k}': v for k, v in heads.items()},  # train/t, train/b.
       **{f'train/{k}': v for k, v in loss_metrics.items()},
       # Model diagnostics (e.g. MoE expert utilisation), scalars named by the model.
-      **{f'train/{k}': v for k, v in out.get('metrics', {}).items()},
+      **{f'train/{k}': v for k, v in model_metrics.items()},
   }
-  if 'b' in out:
-    metrics['train/b'] = out['b']
   return {'step': state['step'] + 1, 'params': params, 'opt': opt}, metrics
 
 
-def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sharding, mesh):
-  """The train step jitted once with explicit shardings; the old state is donated."""
+def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sharding, mesh,
+                   **options):
+  """The train step jitted once with explicit shardings; the old state is donated.
+
+  `options`: train_step's accum_steps, temperature and loss_extras.
+  """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                         schedule=schedule, seed=seed)
+  fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule,
+                         seed=seed, batch_sharding=batch_sharding, **options)
   return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)

@@ -7,6 +7,7 @@ from mmcl import evaluate, losses, models
 from mmcl.data import input_pipeline, preprocess
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
+from mmcl.train import optim
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -17,6 +18,13 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
     raise ValueError(
         f'config.batch_size={config.batch_size} does not divide over the {shards} batch shards '
         f'of config.mesh={list(map(tuple, config.mesh))}; use a multiple of {shards}.')
+  accum = config.get('accum_steps', 1)
+  if accum < 1 or config.batch_size % (accum * shards):
+    raise ValueError(
+        f'config.accum_steps={accum} must be >= 1 and split config.batch_size='
+        f'{config.batch_size} into micro-batches that divide over the {shards} batch shards '
+        f'(batch_size must be a multiple of accum_steps x {shards}).')
+  optim.make_temperature(config)  # Unknown or incomplete temperature settings.
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
                      f'{jax.process_count()} processes.')
@@ -36,8 +44,12 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
   return mesh
 
 
-def check_batch(batch: dict, expected: dict):
+def check_batch(batch: dict, expected: dict, loss_extras=None):
   """The first batch must match the shapes the train step was built for."""
+  for name, key in (loss_extras or {}).items():
+    if key not in batch:
+      raise ValueError(f'config.loss.extras.{name}={key!r}, but the input pipeline yields no '
+                       f'{key!r} (keys: {sorted(batch)}); keep it in config.input.pp.')
   for key, want in expected.items():
     if key not in batch:
       raise ValueError(f'The input pipeline yields no {key!r} (keys: {sorted(batch)}); '
