@@ -8,6 +8,10 @@ time is the median over `--repeats` calls, measured only up to `--max_timed_batc
 
   python tools/bench_loss_memory.py --losses softmax,sigmoid --impls gather,ring \
       --batches 8192,65536,1048576 --dims 512 --devices 8
+
+With `--accum_config configs/demo.py --accum 1,4` it instead compiles that config's whole
+train step for each GradCache `accum_steps` and prints its per-device temp memory: the
+activation memory that accumulation saves.
 """
 import argparse
 import json
@@ -27,7 +31,27 @@ def parse_args(argv):
   p.add_argument('--chunk', type=int, default=1024, help='Ring tile side.')
   p.add_argument('--max_timed_batch', type=int, default=16384)
   p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--accum_config', default='', help='CONFIG.py[:arg] for the accum mode.')
+  p.add_argument('--accum', default='1,4')
   return p.parse_args(argv)
+
+
+def bench_accum(config_arg: str, accums, devices: int):
+  """Per-device temp memory of a config's compiled train step for each accum_steps."""
+  import importlib.util
+  import jax
+  from mmcl.train import loop
+  path, _, arg = config_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for accum in accums:
+    config = module.get_config(arg)
+    config.accum_steps = accum
+    compiled = loop.compile_train_step(config)
+    print(json.dumps(dict(config=config_arg, accum_steps=accum, global_batch=config.batch_size,
+                          devices=devices, temp_bytes_per_device=(
+                              compiled.memory_analysis().temp_size_in_bytes))), flush=True)
 
 
 def main(argv=None):
@@ -35,6 +59,10 @@ def main(argv=None):
   # Must precede the first jax import.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={args.devices}')
+  if args.accum_config:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return bench_accum(args.accum_config, [int(a) for a in args.accum.split(',')],
+                       args.devices)
   import jax
   import jax.numpy as jnp
   import numpy as np

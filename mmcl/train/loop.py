@@ -3,7 +3,9 @@
 The loop holds no math: `mmcl.train.step.train_step` is the whole update. Step N-1's
 metrics are read only after step N is dispatched, so the host never stalls the device.
 """
+import dataclasses
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -35,8 +37,20 @@ def _print_table(metrics: dict):
     print(f'  {k:<{width}}  {metrics[k]:.4f}', flush=True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run builds from its config before touching data or devices' memory."""
+  mesh: jax.sharding.Mesh
+  model: Any
+  tx: Any
+  batch_shapes: dict
+  abstract_state: Any
+  state_sharding: Any
+  train_step: Any  # Jitted, with explicit shardings; the state is donated.
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates `config` and builds the model, optimizer, shardings and jitted train step."""
   mesh = validate_lib.validate(config)  # Everything a bad config can break, before compiling.
   model = models.get_model(config.model)
   loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
@@ -44,14 +58,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                    if k not in ('name', 'impl', 'extras')})
   batch_shapes = _batch_shapes(config, mesh)
   rng = jax.random.key(config.seed)
-
   params_shape = jax.eval_shape(
       lambda: model.init({'params': rng}, *[jax.numpy.zeros(s.shape, s.dtype)
                                             for s in batch_shapes.values()])['params'])
   tx = optim.make_optimizer(config, params_shape)
-  schedule = optim.make_schedule(config)
   abstract_state, state_sharding = step_lib.state_shardings(
       model, tx, rng, batch_shapes, mesh, config.sharding_rules)
+  train_step = step_lib.jit_train_step(
+      model, tx, loss_fn, optim.make_schedule(config), config.seed, state_sharding,
+      mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
+      temperature=optim.make_temperature(config),
+      loss_extras=dict(config.loss.get('extras', {})))
+  return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step)
+
+
+def compile_train_step(config: ml_collections.ConfigDict):
+  """The compiled train step of `config`, from shapes only (for memory/cost analysis)."""
+  s = setup(config)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                       s.abstract_state, s.state_sharding)
+  return s.train_step.lower(state, s.batch_shapes).compile()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  s = setup(config)
+  mesh, model, tx, batch_shapes = s.mesh, s.model, s.tx, s.batch_shapes
+  abstract_state, state_sharding, train_step = s.abstract_state, s.state_sharding, s.train_step
+  rng = jax.random.key(config.seed)
 
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep, every=config.ckpt_every)
   start = ckpt.latest_step()
@@ -76,10 +110,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       cache=config.input.cache)
   batches = input_pipeline.global_batches(ds, mesh_lib.batch_sharding(mesh))
 
-  train_step = step_lib.jit_train_step(
-      model, tx, loss_fn, schedule, config.seed, state_sharding, mesh_lib.batch_sharding(mesh),
-      mesh, accum_steps=config.get('accum_steps', 1),
-      temperature=optim.make_temperature(config), loss_extras=dict(config.loss.get('extras', {})))
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
 
   def run_evals(step, final=False):
