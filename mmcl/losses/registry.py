@@ -11,8 +11,8 @@ third modality) reach a loss as `ctx.extras`: arrays with a leading batch dimens
 sharded like the embeddings, so `ctx.all_gather` gives their global rows.
 
 Adding a loss: write `mmcl/losses/my_loss.py` with a function decorated by
-`@register_loss('my_loss')`, import it in `mmcl/losses/__init__.py`, and set
-`config.loss.name = 'my_loss'`.
+`@register_loss('my_loss')` (the package imports every module in it) and set
+`config.loss.name = 'my_loss'`. docs/losses.md walks through an example.
 """
 from collections.abc import Callable
 import dataclasses
