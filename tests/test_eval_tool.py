@@ -24,48 +24,67 @@ def _config(data_dir):
 
 @pytest.fixture(scope='module')
 def workdir(shapes_data_dir, tmp_path_factory):
-  """3 steps of the tiny demo (checkpoints at 2 and 3), trained without evals."""
+  """2 steps of the tiny demo (one checkpoint, at 2), trained without evals."""
   c = _config(shapes_data_dir)
-  c.total_steps, c.ckpt_every, c.log_every = 3, 2, 1
+  c.total_steps, c.ckpt_every, c.log_every = 2, 2, 1
   c.input.shuffle_buffer = 32  # Fast start; the order does not matter here.
   c.evals = {}
   w = str(tmp_path_factory.mktemp('eval_tool'))
   loop.run(c, w)
-  assert sorted(os.listdir(os.path.join(w, 'ckpt'))) == ['2', '3']
+  assert os.listdir(os.path.join(w, 'ckpt')) == ['2']
   return w
 
 
-def test_cli_prints_table_and_writes_metrics(workdir, shapes_data_dir):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'tools', 'eval.py'),
-       f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny', f'--workdir={workdir}',
-       f'--config.data_dir={shapes_data_dir}'],
-      env=env, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  out = done.stdout
-  assert 'Evaluation at step 3' in out
+def test_cli_two_processes_match_one(workdir, shapes_data_dir):
+  """tools/eval.py as 2 processes x 4 devices; process 0 prints and writes; the numbers match
+  an in-process run on 8 devices (up to float noise between different batch layouts)."""
+  procs, port = [], _free_port()
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu')
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'tools', 'eval.py'),
+         f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny', f'--workdir={workdir}',
+         f'--config.data_dir={shapes_data_dir}', f'--coordinator=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={pid}'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  out = outs[0][0]
+  assert 'Evaluation at step 2' in out and 'Evaluation' not in outs[1][0]
   for kind in KINDS:
     assert f'\n{kind}/mmcl_shapes\n' in out, out
   assert '  shape/top1' in out and '  5shot/top1' in out and '  modality_gap' in out
   with open(os.path.join(workdir, 'eval', 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
-  assert len(rows) == 1 and rows[0]['step'] == 3
+  assert len(rows) == 1 and rows[0]['step'] == 2  # Written once, by process 0.
+  two = rows[0]
   for kind in KINDS:
-    assert any(k.startswith(f'{kind}/mmcl_shapes/') for k in rows[0]), kind
-  assert 0 <= rows[0]['zeroshot/mmcl_shapes/shape/top1'] <= 1
-  # In process, the same checkpoint gives the same numbers; --checkpoint picks its step.
+    assert any(k.startswith(f'{kind}/mmcl_shapes/') for k in two), kind
+  # Zero-shot sums hit counts over processes; geometry (like retrieval and probes) gathers
+  # embeddings. One in-process run of both, on the checkpoint's path, checks each combine.
   c = _config(shapes_data_dir)
-  step, latest = checkpoint_eval.evaluate_checkpoint(c, workdir=workdir, only=['geometry'])
-  assert step == 3 and set(latest) == {k for k in rows[0] if k.startswith('geometry/')}
-  for k, v in latest.items():
-    assert v == pytest.approx(rows[0][k], rel=1e-5, abs=1e-6), k
-  step, older = checkpoint_eval.evaluate_checkpoint(
-      c, checkpoint=os.path.join(workdir, 'ckpt', '2'), only=['geometry'])
-  assert step == 2 and older != latest
+  step, one = checkpoint_eval.evaluate_checkpoint(
+      c, checkpoint=os.path.join(workdir, 'ckpt', '2'), only=['geometry', 'zeroshot'])
+  assert step == 2
+  assert set(one) == {k for k in two if k.split('/')[0] in ('geometry', 'zeroshot')}
+  for k, v in one.items():
+    if k.startswith('geometry/'):
+      assert v == pytest.approx(two[k], rel=1e-4, abs=1e-5), k
+    else:  # Near-tied scores of a 2-step model may swap under a different batch layout.
+      assert v == pytest.approx(two[k], abs=0.02), k
   with open(os.path.join(workdir, 'eval', 'metrics.jsonl')) as f:
-    assert [json.loads(line)['step'] for line in f] == [3, 3, 2]  # Appended, never dropped.
+    assert [json.loads(line)['step'] for line in f] == [2, 2]  # Appended, never dropped.
+  assert checkpoint_eval.resolve_checkpoint(None, os.path.join(workdir, 'ckpt', '2/')) == (
+      workdir, 2)
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def test_errors(workdir, shapes_data_dir, tmp_path):

@@ -6,6 +6,8 @@ r"""Evaluates a checkpoint with the config's evaluators and prints a table.
       --config.data_dir=/data/tfds   # a TFDS data_dir holding e.g. imagenet2012
 
 Results also go to `<workdir>/eval/metrics.jsonl` (or --out_dir) and TensorBoard.
+Several processes (each evaluates its share; process 0 writes and prints): start one per
+host with --coordinator=HOST:PORT --num_processes=N --process_id=I (CPU and GPU clusters).
 """
 import os
 import sys
@@ -22,6 +24,9 @@ flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest che
 flags.DEFINE_string('checkpoint', None, 'A <workdir>/ckpt/<step> directory to evaluate.')
 flags.DEFINE_list('evals', None, 'Names in config.evals to run (default: all).')
 flags.DEFINE_string('out_dir', None, 'Where metrics go (default: <workdir>/eval).')
+flags.DEFINE_string('coordinator', None, 'host:port of process 0, for several processes.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator).')
+flags.DEFINE_integer('process_id', None, 'This process (0 .. num_processes - 1).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -31,8 +36,12 @@ def main(argv):
   import tensorflow as tf  # Keep tf.data off any accelerator: the model owns it.
   tf.config.set_visible_devices([], 'GPU')
   import jax
-  from mmcl.evaluate import checkpoint_eval
   f = flags.FLAGS
+  if f.num_processes:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives.
+    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes,
+                               process_id=f.process_id)
+  from mmcl.evaluate import checkpoint_eval
   step, metrics = checkpoint_eval.evaluate_checkpoint(
       f.config, workdir=f.workdir, checkpoint=f.checkpoint, only=f.evals, out_dir=f.out_dir)
   if jax.process_index() == 0:
