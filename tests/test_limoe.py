@@ -1,4 +1,6 @@
 """LIMoE model: interface like TwoTowers, modality separation, aux losses, training."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +36,27 @@ def _inputs():
 def setup():
   model = _model()
   image, text = _inputs()
-  return model, jax.jit(model.init)(jax.random.key(0), image, text), image, text
+  # Random params of init's shapes, drawn in numpy: a real init compiles every initialiser.
+  rng = np.random.default_rng(0)
+  def make(leaf):
+    x = rng.standard_normal(leaf.shape)
+    return jnp.asarray(x / np.sqrt(np.prod(leaf.shape[-2:-1])) if leaf.ndim >= 2 else
+                       1.0 + 0.1 * x, leaf.dtype)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), image, text)
+  params = jax.tree.map(make, shapes)
+  params['params']['t'] = jnp.log(10.0)
+  return model, params, image, text
+
+
+_JITTED = {}
 
 
 def _apply(model, params, image, text):
-  # Jitted: op-by-op dispatch of the routing code is slow on a shared CPU.
-  return jax.jit(model.apply)(params, image, text)
+  # Jitted once per model (op-by-op dispatch of the routing code is slow on a shared CPU);
+  # tests with the same shapes share the compiled function.
+  if id(model) not in _JITTED:  # Modules holding dicts are not hashable.
+    _JITTED[id(model)] = jax.jit(model.apply)
+  return _JITTED[id(model)](params, image, text)
 
 
 def test_outputs_like_two_towers(setup):
@@ -116,7 +133,7 @@ def test_limoe_demo_trains_and_logs_utilisation(shapes_data_dir, tmp_path):
   c = limoe_demo.get_config('tiny')
   c.data_dir = shapes_data_dir
   c.progress_bar = False
-  c.total_steps, c.log_every, c.ckpt_every = 60, 1, 1000
+  c.total_steps, c.log_every, c.ckpt_every = 40, 1, 1000
   c.evals = {}
   loop.run(c, str(tmp_path))
   rows = [r for r in metrics_lib.read_metrics(str(tmp_path)) if 'train/loss' in r]
@@ -129,3 +146,43 @@ def test_limoe_demo_trains_and_logs_utilisation(shapes_data_dir, tmp_path):
     np.testing.assert_allclose(sum(use), 1.0, rtol=1e-5)
     assert 0 <= last[f'train/moe/layer{layers[0]}/{mod}/dropped'] <= 1
   assert last['train/total_loss'] > last['train/loss']  # The aux losses were added.
+
+
+def test_paper_configs_build_and_summarize():
+  from configs import limoe_b16, limoe_h14
+  for cfg in (limoe_b16.get_config(), limoe_h14.get_config()):
+    spec = moe.MoeSpec.make(cfg.model.moe.to_dict())
+    assert (spec.num_experts, spec.k, spec.bpr, cfg.model.temperature_init) == (32, 1, True, 10.0)
+    assert spec.layer_ids(models.get_model(cfg.model).hparams()['depth'])[:2] == (1, 3)
+  assert (limoe_b16.get_config().batch_size, limoe_b16.get_config().total_steps) == (8192, 100_000)
+  assert (limoe_h14.get_config().batch_size, limoe_h14.get_config().total_steps) == (16_384, 781_250)
+  # Shapes only: total and active parameter counts and FLOPs of a tiny LIMoE.
+  c = limoe_b16.get_config('tiny')
+  s = models.summarize(c.model, c.image_size, c.text_len, batch=2)
+  e = 4
+  expert = sum(math.prod(shape) for shape in (
+      (64, 256), (256,), (256, 64), (64,)))  # pico MLP: 64 -> 256 -> 64.
+  n_moe = len(moe.MoeSpec.make(c.model.moe.to_dict()).layer_ids(2))
+  assert s['total_params'] - s['active_params'] == n_moe * (e - 1) * expert
+  assert s['forward_flops'] > 0
+
+
+def test_utilisation_parsing_and_plot(tmp_path):
+  import importlib.util
+  import json
+  import os
+  rows = [{'step': 10, 'train/loss': 1.0, 'train/moe/layer1/image/expert0': 0.75,
+           'train/moe/layer1/image/expert1': 0.25, 'train/moe/layer1/text/expert1': 1.0,
+           'train/moe/layer1/text/expert0': 0.0, 'train/moe/layer1/text/dropped': 0.1}]
+  assert moe.utilisation(rows[0]) == {'image': {1: [0.75, 0.25]}, 'text': {1: [0.0, 1.0]}}
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  spec = importlib.util.spec_from_file_location(
+      'plot_experts', os.path.join(os.path.dirname(__file__), '..', 'tools', 'plot_experts.py'))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  out = tool.plot_utilisation(str(tmp_path), str(tmp_path / 'u.png'))
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(ValueError, match='No MoE utilisation metrics'):
+    tool.plot_utilisation(str(tmp_path), str(tmp_path / 'v.png'), step=3)
