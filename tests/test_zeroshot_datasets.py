@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mmcl import evaluate
 from mmcl.data import tokenizers
 from mmcl.evaluate import predict, prompts, retrieval, zeroshot
 from mmcl.parallel import mesh as mesh_lib
@@ -99,7 +100,8 @@ def test_packaged_class_names_and_prompts():
   assert len(names) == NUM and names[:3] == ('tench', 'goldfish', 'great white shark')
   assert names[-1] == 'toilet paper' and names[21] == 'kite (bird of prey)'
   dup = {n for n in names if names.count(n) > 1}
-  assert dup == {'missile', 'sunglasses'} and [i for i, n in enumerate(names) if n in dup] == list(DUPLICATE)
+  assert dup == {'missile', 'sunglasses'}
+  assert [i for i, n in enumerate(names) if n in dup] == list(DUPLICATE)
   p80, p7 = prompts.templates('clip80'), prompts.templates('clip7')
   assert len(set(p80)) == 80 and len(set(p7)) == 7 and set(p7) < set(p80)
   assert 'itap of a {}.' in p7 and 'a photo of a {}.' in p80
@@ -126,12 +128,12 @@ def test_imagenet_1000_classes_perfect_and_shuffled(mesh):
     ev = evaluator(mesh, np.eye(NUM)[labels], ['imagenet2012', 'imagenet_v2'], 'clip7')
     calls = []
     texts = ev.predictor.texts
-    ev.predictor.texts = lambda *a, **k: calls.append(1) or texts(*a, **k)
+    ev.predictor.texts = lambda p, tokens, *a: calls.append(len(tokens)) or texts(p, tokens, *a)
     m = ev.run({})
   assert seen == [('imagenet2012', 'validation'), ('imagenet_v2', 'test')]
   assert m == {f'zeroshot/{d}/top{k}': 1.0 for d in ('imagenet2012', 'imagenet_v2')
                for k in (1, 5)}
-  assert len(calls) == 1  # One classifier for both datasets.
+  assert sum(calls) == NUM * 7  # One classifier (1000 classes x 7 prompts) for both datasets.
   perm = rng.permutation(len(labels))
   with mock(_label_examples(labels, rng)):
     m = evaluator(mesh, np.eye(NUM)[labels[perm]], ['imagenet2012']).run({})
@@ -219,3 +221,31 @@ def test_coco_captions_multi_caption_retrieval(mesh):
   assert m['retrieval/coco_captions/i2t_r1'] == pytest.approx(want)
   assert m['retrieval/coco_captions/t2i_r1'] == pytest.approx(
       np.sum(counts[perm == np.arange(n)]) / counts.sum())
+
+
+def test_standard_suites_build_from_config(mesh):
+  """configs/evals.py suites: pp strings filled from the config, every knob accepted."""
+  from configs import demo, evals
+  c = demo.get_config('tiny')
+  c.evals = {}
+  c.evals.update(evals.imagenet_suite(prompts='clip7'))
+  c.evals.update(evals.small_zeroshot_suite(datasets=['oxford_iiit_pet']))
+  c.evals.update(evals.retrieval_suite())
+  c.evals.update(evals.probe_suite(['oxford_iiit_pet'], shots=(1, 2)))
+  c.evals.zeroshot_imagenet.datasets.append(
+      dict(dataset='imagenet_v2/topimages', name='v2_top',
+           pp_img='decode|resize({image_size})'))
+  example = {'image': np.zeros((8, 8, 3), np.uint8), 'label': 1,
+             'real_label': np.array([1, 2]), 'captions': {'text': np.array([b'a', b'b'])}}
+  with mock([example]):  # Every feature any of the suites reads.
+    evs = evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))
+  assert set(evs) == {'zeroshot_imagenet', 'zeroshot_small', 'retrieval_coco_captions',
+                      'geometry_coco_captions', 'probe_oxford_iiit_pet'}
+  zs = evs['zeroshot_imagenet'][0]
+  assert [s['name'] for s in zs.sources] == [*evals.IMAGENET, 'v2_top']
+  assert all(t['prompts'] == prompts.templates('clip7') for s in zs.sources
+             for t in s['tasks'].values())
+  assert evs['probe_oxford_iiit_pet'][0].num_classes == 37
+  c.evals.zeroshot_imagenet.bogus = 1
+  with mock([example]), pytest.raises(TypeError, match="zeroshot_imagenet.*'bogus'"):
+    evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))

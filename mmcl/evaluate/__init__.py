@@ -38,7 +38,7 @@ def build_evaluators(config, predictor: Predictor) -> dict:
     if kwargs.get('datasets'):
       kwargs['datasets'] = [
           {**d, 'pp_img': input_pipeline.format_pp(d['pp_img'], config)}
-          if isinstance(d, dict) and d.get('pp_img') else d for d in kwargs['datasets']]
+          if hasattr(d, 'keys') and d.get('pp_img') else d for d in kwargs['datasets']]
     try:
       out[name] = (EVALUATORS[kind](predictor, **kwargs), every)
     except TypeError as e:  # An unknown or missing knob: name the evaluator it belongs to.

@@ -46,13 +46,21 @@ _CHUNK = 4096  # Image rows scored at once: 4096 x 1000 logits.
 
 def class_embeddings(predictor: Predictor, params, classnames: Sequence[str],
                      templates: Sequence[str], tokenizer, text_len: int,
-                     lowercase: bool = False, strip_punctuation: bool = False) -> np.ndarray:
-  """[C, D] zero-shot classifier: mean of normalised prompt embeddings per class."""
-  texts = [prompts_lib.normalize(t.format(c), lowercase, strip_punctuation)
-           for c in classnames for t in templates]
-  z = predictor.texts(params, tokenizer.tokenize(texts, text_len))
-  z = l2_normalize(z).reshape(len(classnames), len(templates), -1).mean(axis=1)
-  return l2_normalize(z)
+                     lowercase: bool = False, strip_punctuation: bool = False,
+                     classes_per_pass: int = 128) -> np.ndarray:
+  """[C, D] zero-shot classifier: mean of normalised prompt embeddings per class.
+
+  Classes go through the text tower a block at a time, so 1000 x 80 prompt embeddings
+  never sit in host memory at once.
+  """
+  out = []
+  for s in range(0, len(classnames), classes_per_pass):
+    names = classnames[s:s + classes_per_pass]
+    texts = [prompts_lib.normalize(t.format(c), lowercase, strip_punctuation)
+             for c in names for t in templates]
+    z = predictor.texts(params, tokenizer.tokenize(texts, text_len))
+    out.append(l2_normalize(z).reshape(len(names), len(templates), -1).mean(axis=1))
+  return l2_normalize(np.concatenate(out))
 
 
 def topk_hits(logits_NxC: np.ndarray, labels, k: int, multilabel: bool = False) -> np.ndarray:
