@@ -1,19 +1,20 @@
 """Linear probe / few-shot: closed-form ridge regression on frozen image embeddings.
 
-Protocol (big_vision's few-shot eval, made explicit): embeddings are L2-normalised (unless
-`normalize=False`). For each shot count k and seed, k images per class are drawn from
-`train_split`; the ridge penalty is chosen on held-out images (`val_split`, or else
-`val_per_class` further train images per class, disjoint from the shots), and the classifier
-fit on the k shots with that penalty is scored on `test_split`. Targets are one-hot, and
-the intercept is not penalised (features and targets are centred on the training shots).
-Metrics: `probe/<name>/<k>shot/top1` (mean over seeds) and `.../top1_std`.
+Protocol (in the style of big_vision's few-shot least-squares eval, every choice explicit):
+embeddings are L2-normalised (unless `normalize=False`). For each shot count k and seed, k
+images per class are drawn from `train_split`; the ridge penalty is chosen on held-out
+images (`val_split`, or else `val_per_class` further train images per class, disjoint from
+the shots), and the classifier fit on the k shots with that penalty is scored on
+`test_split` (default: the dataset's evaluation split, e.g. ImageNet's validation).
+Targets are one-hot and the intercept is not penalised (features and targets are centred
+on the training shots). Metrics: `probe/<name>/<k>shot/top1` (mean over seeds), `.../top1_std`.
 """
 from collections.abc import Sequence
 
 import numpy as np
 
 from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
-from mmcl.evaluate import predict
+from mmcl.evaluate import predict, zeroshot
 from mmcl.evaluate.predict import Predictor, l2_normalize
 
 L2_REGS = tuple(2.0 ** k for k in range(-10, 11, 2))
@@ -67,7 +68,8 @@ class ProbeEvaluator:
   """Few-shot ridge-regression probes of the image tower on a labelled TFDS dataset."""
 
   def __init__(self, predictor: Predictor, *, dataset: str, pp_img: str,
-               label_key: str = 'label', train_split: str = 'train', test_split: str = 'test',
+               label_key: str = 'label', train_split: str = 'train',
+               test_split: str | None = None,
                val_split: str | None = None, val_per_class: int = 5,
                shots: Sequence[int] = (1, 5, 10, 25), seeds: int = 3,
                l2_regs: Sequence[float] = L2_REGS, normalize: bool = True, data_dir=None,
@@ -87,6 +89,9 @@ class ProbeEvaluator:
     self.label_key, self.normalize = label_key, normalize
     self.shots, self.seeds = tuple(int(k) for k in shots), seeds
     self.l2_regs, self.val_per_class = tuple(float(r) for r in l2_regs), val_per_class
+    # Default: the labelled evaluation split of the zero-shot protocol (ImageNet: validation).
+    base = dataset.split('/')[0].split(':')[0]
+    test_split = test_split or zeroshot.DATASETS.get(base, {}).get('split', 'test')
     pp = f'{pp_img}|keep("image", "{label_key}")'
     self._ds = {split_name: predict.eval_dataset(dataset, split, pp, batch_size, data_dir)
                 for split_name, split in (('train', train_split), ('test', test_split),

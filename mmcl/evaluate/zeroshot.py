@@ -79,7 +79,8 @@ def _labels_in_subset(labels, subset, multilabel, name):
   pos = np.full(max(max(subset), *(np.max(l, initial=0) for l in labels)) + 1, -1)
   pos[list(subset)] = np.arange(len(subset))
   if multilabel:
-    return [pos[np.asarray(s, np.int64)][pos[np.asarray(s, np.int64)] >= 0] for s in labels]
+    mapped = [pos[np.asarray(s, np.int64)] for s in labels]
+    return [m[m >= 0] for m in mapped]
   mapped = pos[np.asarray(labels, np.int64)]
   if (mapped < 0).any():
     bad = sorted(set(np.asarray(labels)[mapped < 0].tolist()))[:10]
