@@ -249,3 +249,16 @@ def test_standard_suites_build_from_config(mesh):
   c.evals.zeroshot_imagenet.bogus = 1
   with mock([example]), pytest.raises(TypeError, match="zeroshot_imagenet.*'bogus'"):
     evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))
+
+
+@pytest.mark.parametrize('hw, want', [((30, 60), (24, 48)), ((90, 45), (48, 24)),
+                                      ((24, 24), (24, 24))])
+def test_resize_small_keeps_aspect_and_range(hw, want):
+  from mmcl.data import preprocess
+  fn = preprocess.get_preprocess_fn('resize_small(24)')
+  image = np.random.default_rng(0).integers(0, 256, size=hw + (3,)).astype(np.uint8)
+  out = fn({'image': tf.constant(image)})['image'].numpy()
+  assert out.shape == want + (3,) and out.dtype == np.float32
+  assert 0 <= out.min() and out.max() <= 255  # Bicubic overshoot clipped to uint8's range.
+  with pytest.raises(ValueError, match='positive int'):
+    preprocess.get_preprocess_fn('resize_small((24, 24))')

@@ -42,6 +42,10 @@ def main(argv):
     jax.distributed.initialize(f.coordinator, num_processes=f.num_processes,
                                process_id=f.process_id)
   from mmcl.evaluate import checkpoint_eval
+  try:
+    checkpoint_eval.resolve_checkpoint(f.workdir, f.checkpoint)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   step, metrics = checkpoint_eval.evaluate_checkpoint(
       f.config, workdir=f.workdir, checkpoint=f.checkpoint, only=f.evals, out_dir=f.out_dir)
   if jax.process_index() == 0:
