@@ -262,3 +262,14 @@ def test_resize_small_keeps_aspect_and_range(hw, want):
   assert 0 <= out.min() and out.max() <= 255  # Bicubic overshoot clipped to uint8's range.
   with pytest.raises(ValueError, match='positive int'):
     preprocess.get_preprocess_fn('resize_small((24, 24))')
+
+
+def test_topk_hits_multilabel_matches_argsort():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(60, 9))
+  sets = [rng.choice(9, size=rng.integers(1, 4), replace=False) for _ in range(60)]
+  order = np.argsort(-logits, axis=1)
+  for k in (1, 2, 5, 20):
+    want = [bool(set(order[i, :k]) & set(sets[i])) for i in range(60)]
+    np.testing.assert_array_equal(zeroshot.topk_hits(logits, sets, k, multilabel=True), want)
+  assert 0 < zeroshot.topk_hits(logits, sets, 1, multilabel=True).mean() < 1

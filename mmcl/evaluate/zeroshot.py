@@ -65,10 +65,10 @@ def class_embeddings(predictor: Predictor, params, classnames: Sequence[str],
 
 def topk_hits(logits_NxC: np.ndarray, labels, k: int, multilabel: bool = False) -> np.ndarray:
   """Boolean [N]: the label (or, multi-label, any label of the set) is among the top k."""
+  if not multilabel:
+    return predict.topk_correct(logits_NxC, np.asarray(labels), k)
   k = min(k, logits_NxC.shape[1])
   topk_Nxk = np.argpartition(-logits_NxC, k - 1, axis=1)[:, :k]
-  if not multilabel:
-    return np.any(topk_Nxk == np.asarray(labels)[:, None], axis=1)
   return np.array([np.isin(t, s).any() for t, s in zip(topk_Nxk, labels)], bool)
 
 
