@@ -311,10 +311,10 @@ def test_zeroshot_where_selecting_nothing_raises(color_predictor, shapes_data_di
 
 
 @pytest.mark.parametrize('task, match', [
-    (dict(label_key='color', prompts='no_such_set'), r"valid: \['classname', 'clip7', 'clip80'\]"),
+    (dict(label_key='color', prompts='no_such_set'), r"valid: \['classname', 'clip7', 'clip80',"),
     (dict(label_key='color', prompts='mmcl_shapes/nope'), 'mmcl_shapes/color'),
-    (dict(label_key='color', classnames='imagenet21k'), r"valid: \['tfds', 'imagenet'\] or a list"),
-    (dict(label_key='color', class_subset='imagenet_b'), r"valid: \['imagenet_a', 'imagenet_r'\]"),
+    (dict(label_key='color', classnames='imagenet21k'), r"valid: \['tfds', 'imagenet', 'cifar10'"),
+    (dict(label_key='color', class_subset='imagenet_b'), r"\['imagenet_a', 'imagenet_r'\]"),
     (dict(label_key='color', labels='x'), "valid: 'label_key', 'classnames'"),
     (dict(label_key='captions'), 'no ClassLabel feature'),
     (dict(label_key='color', prompts=['no placeholder']), 'exactly one'),

@@ -87,8 +87,9 @@ def imagenet_classifier_texts(prompt_set='clip7'):
 
 
 def evaluator(mesh, targets, datasets, prompt_set='classname', **kw):
-  """Class-name prompts keep most tests fast; one test runs CLIP's 7 templates."""
-  texts, text_targets = imagenet_classifier_texts(prompt_set)
+  """Class-name prompts keep most tests fast; one test runs CLIP's 7 templates. With
+  prompt_set=None each dataset keeps its protocol's prompts (and the text tower is unused)."""
+  texts, text_targets = imagenet_classifier_texts(prompt_set or 'classname')
   model = StubModel(image_fn=image_tower(targets), text_fn=text_tower(texts, text_targets))
   return zeroshot.ZeroShotEvaluator(predict.Predictor(model, mesh), tokenizer='bytes',
                                     text_len=TEXT_LEN, pp_img=PP, datasets=datasets,
@@ -172,19 +173,26 @@ def test_imagenet_real_any_correct_skips_empty(mesh):
   assert m['zeroshot/imagenet2012_real/top1'] == pytest.approx(3 / 5)
 
 
-def test_any_tfds_dataset_uses_metadata_class_names(mesh):
+def test_small_datasets_clip_protocol_and_tfds_metadata(mesh):
   with mock([{'image': np.zeros((8, 8, 3), np.uint8), 'label': 0}]):
-    ev = evaluator(mesh, np.eye(NUM),
-                   ['oxford_iiit_pet', dict(dataset='oxford_iiit_pet', prompts='clip7',
-                                            name='pet_names')])
-    # CIFAR's names come from its prepared metadata, absent here: a clear error.
+    ev = evaluator(mesh, np.eye(NUM), [
+        'cifar10', 'cifar100', 'oxford_iiit_pet',
+        dict(dataset='oxford_iiit_pet', classnames='tfds', prompts='clip7', name='pet_tfds')],
+        prompt_set=None)
+    # CIFAR's TFDS names come from its prepared metadata, absent here: a clear error.
     with pytest.raises(ValueError, match='cifar10 has no class names in its metadata'):
-      evaluator(mesh, np.eye(NUM), ['cifar10'])
-  pets, pet_names = ev.sources
-  assert pets['tasks'][None]['classnames'][:2] == ('Abyssinian', 'american bulldog')
-  assert pets['tasks'][None]['prompts'] == ('{}',)
-  assert pet_names['tasks'][None]['prefix'] == 'zeroshot/pet_names'
-  assert pet_names['tasks'][None]['prompts'] == prompts.templates('clip7')
+      evaluator(mesh, np.eye(NUM), [dict(dataset='cifar10', classnames='tfds')])
+  (cifar10,), (cifar100,), (pets,), (pet_tfds,) = [list(s['tasks'].values()) for s in ev.sources]
+  assert cifar10['classnames'][:2] == ('airplane', 'automobile') and len(cifar10['prompts']) == 18
+  assert len(cifar100['classnames']) == 100 and cifar100['classnames'][1] == 'aquarium fish'
+  assert cifar100['prompts'] == cifar10['prompts'] == prompts.templates('clip_cifar')
+  assert pets['prompts'] == ('a photo of a {}, a type of pet.',)
+  # CLIP's pet names, in TFDS label order: the same names as the metadata, up to case.
+  assert len(pets['classnames']) == 37
+  assert [n.lower() for n in pets['classnames']] == [n.lower() for n in pet_tfds['classnames']]
+  assert pets['classnames'][:3] == ('Abyssinian', 'american bulldog', 'american pit bull terrier')
+  assert pet_tfds['prompts'] == prompts.templates('clip7')
+  assert pet_tfds['prefix'] == 'zeroshot/pet_tfds'
   with pytest.raises(ValueError, match="Unknown zero-shot dataset fields \\['labels'\\]"):
     evaluator(mesh, np.eye(NUM), [dict(dataset='cifar10', labels='x')])
 

@@ -4,9 +4,12 @@ Named data ship with the package (mmcl/evaluate/classnames/*.txt, one entry a li
   classnames 'imagenet'   the 1,000 ImageNet-1k names as curated for CLIP (OpenAI's list,
                           index = ImageNet label; kept as published, with its two repeated
                           names: 'missile' at 657/744 and 'sunglasses' at 836/837).
+  classnames 'cifar10', 'cifar100', 'oxford_iiit_pet': CLIP's names for these datasets
+                          (CLIP's data/prompts.md), in TFDS label order.
   classnames 'tfds'       the names of the dataset's ClassLabel feature, '_' -> ' '.
   prompts 'clip80'        the 80 ImageNet templates of the CLIP paper.
   prompts 'clip7'         CLIP's 7-template subset (Prompt_Engineering_for_ImageNet.ipynb).
+  prompts 'clip_cifar'    CLIP's 18 CIFAR-10/100 templates; 'clip_pets' its Oxford pets one.
   prompts 'classname'     the bare class name.
   class subset 'imagenet_a' / 'imagenet_r': the 200 ImageNet indices of each benchmark.
 A classnames or prompts spec may also be an explicit list.
@@ -17,8 +20,10 @@ import os
 import string
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classnames')
-_PROMPT_FILES = {'clip80': 'clip_templates_80.txt', 'clip7': 'clip_templates_7.txt'}
-_CLASSNAME_FILES = {'imagenet': 'imagenet.txt'}
+_PROMPT_FILES = {'clip80': 'clip_templates_80.txt', 'clip7': 'clip_templates_7.txt',
+                 'clip_cifar': 'clip_templates_cifar.txt', 'clip_pets': 'clip_templates_pets.txt'}
+_CLASSNAME_FILES = {'imagenet': 'imagenet.txt', 'cifar10': 'cifar10.txt',
+                    'cifar100': 'cifar100.txt', 'oxford_iiit_pet': 'oxford_iiit_pet.txt'}
 _SUBSET_FILES = {'imagenet_a': 'imagenet_a_indices.txt', 'imagenet_r': 'imagenet_r_indices.txt'}
 
 

@@ -34,9 +34,12 @@ DATASETS = {
     'imagenet_a': dict(_IMAGENET, split='test', class_subset='imagenet_a'),
     'imagenet_r': dict(_IMAGENET, split='test', class_subset='imagenet_r'),
     'imagenet_sketch': dict(_IMAGENET, split='test'),
-    'cifar10': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
-    'cifar100': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
-    'oxford_iiit_pet': dict(split='test', label_key='label', classnames='tfds', prompts='clip80'),
+    # CLIP's own names and templates for these (its data/prompts.md).
+    'cifar10': dict(split='test', label_key='label', classnames='cifar10', prompts='clip_cifar'),
+    'cifar100': dict(split='test', label_key='label', classnames='cifar100',
+                     prompts='clip_cifar'),
+    'oxford_iiit_pet': dict(split='test', label_key='label', classnames='oxford_iiit_pet',
+                            prompts='clip_pets'),
 }
 DEFAULT_PROTOCOL = dict(split='test', label_key='label', classnames='tfds', prompts='classname')
 _TASK_FIELDS = ('label_key', 'classnames', 'prompts', 'class_subset', 'multilabel', 'where')
