@@ -17,15 +17,21 @@ IMAGENET = ('imagenet2012', 'imagenet_v2', 'imagenet2012_real', 'imagenet_a', 'i
 def imagenet_suite(datasets=IMAGENET, prompts: str = 'clip80', every: int = 0,
                    batch_size: int = 512, pp_img: str = PP_CLIP, lowercase: bool = False,
                    strip_punctuation: bool = False) -> dict:
-  """One zero-shot evaluator: every ImageNet variant shares one 1000-class classifier."""
-  return {'zeroshot_imagenet': dict(
-      type='zeroshot', every=every, datasets=list(datasets), prompts=prompts,
-      batch_size=batch_size, pp_img=pp_img, lowercase=lowercase,
-      strip_punctuation=strip_punctuation)}
+  """One zero-shot evaluator: every ImageNet variant shares one 1000-class classifier.
+
+  prompts=None keeps each dataset's own protocol (see mmcl/evaluate/zeroshot.py DATASETS).
+  """
+  cfg = dict(type='zeroshot', every=every, datasets=list(datasets), batch_size=batch_size,
+             pp_img=pp_img, lowercase=lowercase, strip_punctuation=strip_punctuation)
+  if prompts is not None:
+    cfg['prompts'] = prompts
+  return {'zeroshot_imagenet': cfg}
 
 
-def small_zeroshot_suite(datasets=('cifar10', 'cifar100', 'oxford_iiit_pet'), **kw) -> dict:
-  return {'zeroshot_small': imagenet_suite(datasets, **kw)['zeroshot_imagenet']}
+def small_zeroshot_suite(datasets=('cifar10', 'cifar100', 'oxford_iiit_pet'), prompts=None,
+                         **kw) -> dict:
+  """CIFAR-10/100 and pets with CLIP's own class names and templates for each."""
+  return {'zeroshot_small': imagenet_suite(datasets, prompts, **kw)['zeroshot_imagenet']}
 
 
 def retrieval_suite(dataset: str = 'coco_captions', every: int = 0, batch_size: int = 512,

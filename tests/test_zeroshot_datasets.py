@@ -254,6 +254,8 @@ def test_standard_suites_build_from_config(mesh):
   assert all(t['prompts'] == prompts.templates('clip7') for s in zs.sources
              for t in s['tasks'].values())
   assert evs['probe_oxford_iiit_pet'][0].num_classes == 37
+  (pets,) = evs['zeroshot_small'][0].sources[0]['tasks'].values()
+  assert pets['prompts'] == prompts.templates('clip_pets')  # The dataset's own protocol.
   c.evals.zeroshot_imagenet.bogus = 1
   with mock([example]), pytest.raises(TypeError, match="zeroshot_imagenet.*'bogus'"):
     evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))
