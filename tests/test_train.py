@@ -36,11 +36,12 @@ def test_loss_falls_and_final_evals_are_reported(shapes_data_dir, tmp_path):
   assert final['zeroshot/mmcl_shapes/color/top1'] > 0.3
 
 
-@pytest.mark.parametrize('mesh', [[('data', 8)], [('data', 4), ('fsdp', 2)]])
-def test_sharded_meshes_and_resume(shapes_data_dir, tmp_path, mesh):
+@pytest.mark.parametrize('mesh,impl', [([('data', 8)], 'gather'),
+                                       ([('data', 4), ('fsdp', 2)], 'ring')])
+def test_sharded_meshes_and_resume(shapes_data_dir, tmp_path, mesh, impl):
   workdir = str(tmp_path)
   c = tiny_config(shapes_data_dir, total_steps=10, ckpt_every=5, log_every=1, mesh=mesh,
-                  sharding_rules=[('.*', 'fsdp')])
+                  sharding_rules=[('.*', 'fsdp')], **{'loss.impl': impl})
   c.evals = {}
   loop.run(c, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'ckpt'))) >= ['10', '5']
