@@ -130,11 +130,20 @@ def test_imagenet_1000_classes_perfect_and_shuffled(mesh):
     calls = []
     texts = ev.predictor.texts
     ev.predictor.texts = lambda p, tokens, *a: calls.append(len(tokens)) or texts(p, tokens, *a)
-    m = ev.run({})
+    params = {}
+    m = ev.run(params)
   assert seen == [('imagenet2012', 'validation'), ('imagenet_v2', 'test')]
   assert m == {f'zeroshot/{d}/top{k}': 1.0 for d in ('imagenet2012', 'imagenet_v2')
                for k in (1, 5)}
   assert sum(calls) == NUM * 7  # One classifier (1000 classes x 7 prompts) for both datasets.
+  with mock(_label_examples(labels, rng)):
+    # A second evaluator on the same Predictor and parameters reuses that classifier...
+    other = zeroshot.ZeroShotEvaluator(ev.predictor, tokenizer='bytes', text_len=TEXT_LEN,
+                                       pp_img=PP, datasets=['imagenet_sketch'], prompts='clip7')
+    assert other.run(params)['zeroshot/imagenet_sketch/top1'] == 1.0
+    assert sum(calls) == NUM * 7
+    other.run(dict(params))  # ...until the parameters change (a new checkpoint).
+    assert sum(calls) == NUM * 7 * 2
   perm = rng.permutation(len(labels))
   with mock(_label_examples(labels, rng)):
     m = evaluator(mesh, np.eye(NUM)[labels[perm]], ['imagenet2012']).run({})

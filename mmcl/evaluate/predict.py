@@ -30,6 +30,15 @@ class Predictor:
 
     self._images = jax.jit(embed_images, in_shardings=(None, sharding), out_shardings=sharding)
     self._texts = jax.jit(embed_texts, in_shardings=(None, sharding), out_shardings=sharding)
+    self._memo_params, self._memo = None, {}
+
+  def memo(self, params, key, compute):
+    """compute() once per params object (one checkpoint) and key, shared by evaluators."""
+    if params is not self._memo_params:  # New parameters: drop the old results.
+      self._memo_params, self._memo = params, {}
+    if key not in self._memo:
+      self._memo[key] = compute()
+    return self._memo[key]
 
   def _run(self, fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
     if jax.process_count() > 1:

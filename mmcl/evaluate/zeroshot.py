@@ -3,9 +3,9 @@
 For each class, every prompt template is filled with the class name, normalised (the
 config's lowercasing / punctuation choice), embedded, and the L2-normalised embeddings are
 averaged and re-normalised (CLIP's prompt ensembling). A classifier is computed once per
-`run` (one checkpoint) and shared by every dataset with the same class names and templates,
-so ImageNet, -V2, -ReaL, -Sketch, -A and -R cost one text pass; -A and -R score over their
-200-class subset of the 1,000 ImageNet rows.
+checkpoint (memoised on the Predictor) and shared by every dataset with the same class names
+and templates, so ImageNet, -V2, -ReaL, -Sketch, -A and -R cost one text pass; -A and -R
+score over their 200-class subset of the 1,000 ImageNet rows.
 
 `datasets` is a list of TFDS names (protocol from `DATASETS`, else `DEFAULT_PROTOCOL`) or of
 dicts overriding fields: dataset, name (metric name), split, pp_img, label_key, classnames,
@@ -106,7 +106,7 @@ class ZeroShotEvaluator:
     if dataset is not None:  # One dataset given inline, the synthetic shapes' form.
       datasets = [dict(dataset=dataset, split=split, tasks=tasks, name=name)]
     self.predictor = predictor
-    self.tokenizer = tokenizers.get_tokenizer(tokenizer)
+    self.tokenizer, self.tokenizer_name = tokenizers.get_tokenizer(tokenizer), tokenizer
     self.text_len, self.batch_size = text_len, batch_size
     self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
     self.sources = [self._source(d, pp_img, prompts, data_dir) for d in datasets]
@@ -150,16 +150,18 @@ class ZeroShotEvaluator:
     return dict(name=spec['name'], ds=ds, tasks=tasks)
 
   def run(self, params) -> dict[str, float]:
-    classifiers, metrics = {}, {}
+    metrics = {}
     for src in self.sources:
       zimg, features = predict.embed_dataset(self.predictor, params, src['ds'], self.batch_size)
       for task, t in src['tasks'].items():
-        key = (t['classnames'], t['prompts'])
-        if key not in classifiers:  # Shared by datasets with the same names and prompts.
-          classifiers[key] = class_embeddings(
-              self.predictor, params, *key, self.tokenizer, self.text_len, self.lowercase,
-              self.strip_punctuation)
-        counts = predict.host_sum(self._count_hits(zimg, features, t, classifiers[key]))
+        # Shared by every dataset (and evaluator on this Predictor) with the same classes,
+        # prompts and text protocol, for as long as the parameters stay the same.
+        key = ('zeroshot', t['classnames'], t['prompts'], self.tokenizer_name, self.text_len,
+               self.lowercase, self.strip_punctuation)
+        classifier = self.predictor.memo(params, key, lambda t=t: class_embeddings(
+            self.predictor, params, t['classnames'], t['prompts'], self.tokenizer,
+            self.text_len, self.lowercase, self.strip_punctuation))
+        counts = predict.host_sum(self._count_hits(zimg, features, t, classifier))
         if counts[-1] == 0:
           raise ValueError(f'Zero-shot task {task or src["name"]!r} of {src["name"]!r} '
                            f'selects no image (where={t.get("where")}).')
