@@ -129,6 +129,7 @@ def test_sharded_limoe_matches_unsharded(setup):
   np.testing.assert_allclose(got[2]['aux_loss'], want[2]['aux_loss'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_limoe_demo_trains_and_logs_utilisation(shapes_data_dir, tmp_path):
   c = limoe_demo.get_config('tiny')
   c.data_dir = shapes_data_dir
@@ -186,3 +187,49 @@ def test_utilisation_parsing_and_plot(tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='No MoE utilisation metrics'):
     tool.plot_utilisation(str(tmp_path), str(tmp_path / 'v.png'), step=3)
+
+
+@pytest.mark.slow
+def test_train_step_under_expert_mesh_uses_all_to_all_and_matches():
+  """What the loop gets once it builds and runs its step inside `jax.set_mesh(mesh)`."""
+  from configs import limoe_b16
+  from mmcl import losses
+  from mmcl.parallel import mesh as mesh_lib
+  from mmcl.parallel import partition
+  from mmcl.train import optim, step as step_lib
+  c = limoe_b16.get_config('tiny')
+  c.mesh = (('data', 4), ('expert', 2))
+  c.model.moe.group_size = 64  # Divides each device's image (4 x 64) and text (4 x 16) tokens.
+  mesh = mesh_lib.create_mesh(c.mesh)
+  model = models.get_model(c.model)
+  shapes = loop._batch_shapes(c, mesh)
+  rng = jax.random.key(0)
+  params_shape = jax.eval_shape(lambda: model.init(rng, *[jnp.zeros(s.shape, s.dtype)
+                                                          for s in shapes.values()])['params'])
+  tx, schedule = optim.make_optimizer(c, params_shape), optim.make_schedule(c)
+  loss_fn = losses.make_loss_fn(c.loss.name, c.loss.impl, mesh)
+  _, state_sharding = step_lib.state_shardings(model, tx, rng, shapes, mesh, c.sharding_rules)
+  by_path = {partition.path_str(p): s.spec
+             for p, s in jax.tree_util.tree_leaves_with_path(state_sharding)}
+  assert tuple(by_path['params/Transformer/encoderblock_1/moe/wi']) == ('expert', None, None)
+  batch = {'image': jax.random.normal(jax.random.key(1), shapes['image'].shape),
+           'text': jax.random.randint(jax.random.key(2), shapes['text'].shape, 1, 258)}
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  state = jax.jit(lambda r: step_lib.init_state(model, tx, r, shapes),
+                  out_shardings=state_sharding)(rng)
+  step = step_lib.jit_train_step(model, tx, loss_fn, schedule, 0, state_sharding,
+                                 mesh_lib.batch_sharding(mesh), mesh)
+  with jax.set_mesh(mesh):
+    compiled = step.lower(state, batch).compile()
+  assert 'all-to-all' in compiled.as_text()
+  # The same forward pass (same gating-noise key) without the mesh: plain routing code.
+  zimg, ztxt, out = jax.jit(lambda p, b: model.apply(
+      {'params': p}, b['image'], b['text'], train=True,
+      rngs={'dropout': jax.random.fold_in(jax.random.key(0), 0)}))(state['params'], batch)
+  loss, _ = loss_fn(zimg, ztxt, out['t'], out.get('b'))
+  got = jax.device_get(compiled(state, batch)[1])  # Donates `state`: last.
+  np.testing.assert_allclose(got['train/loss'], loss, rtol=1e-5)
+  np.testing.assert_allclose(got['train/total_loss'], loss + out['aux_loss'], rtol=1e-5)
+  for name in ('moe/layer1/image/dropped', 'moe/layer1/text/expert0',
+               'moe/layer1/image/local_entropy_loss'):
+    np.testing.assert_allclose(got[f'train/{name}'], out['metrics'][name], rtol=1e-5)
