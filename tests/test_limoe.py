@@ -233,3 +233,23 @@ def test_train_step_under_expert_mesh_uses_all_to_all_and_matches():
   for name in ('moe/layer1/image/dropped', 'moe/layer1/text/expert0',
                'moe/layer1/image/local_entropy_loss'):
     np.testing.assert_allclose(got[f'train/{name}'], out['metrics'][name], rtol=1e-5)
+
+
+def test_sparse_towers_in_two_towers_report_aux_losses():
+  cfg = dict(name='two_towers', embed_dim=EMBED,
+             image=dict(variant='pico/8', moe=dict(num_experts=4, importance_weight=1.0)),
+             text=dict(variant='pico', vocab_size=VOCAB, max_len=16,
+                       moe=dict(num_experts=2, layers=[0], local_entropy_weight=1.0)))
+  model = models.get_model(cfg)
+  image, text = _inputs()
+  params = jax.jit(model.init)(jax.random.key(0), image, text)
+  zimg, ztxt, out = _apply(model, params, image, text)
+  assert zimg.shape == ztxt.shape == (B, EMBED)
+  assert 'moe/encoderblock_1' not in params['params']['img']['Transformer']['encoderblock_0']
+  assert 'moe' in params['params']['img']['Transformer']['encoderblock_1']
+  assert 'moe' in params['params']['txt']['Transformer']['encoderblock_0']
+  m = out['metrics']
+  np.testing.assert_allclose(
+      out['aux_loss'], m['moe/layer1/image/importance_loss'] + m['moe/layer0/text/local_entropy_loss'],
+      rtol=1e-6)
+  assert not any(k.startswith(('img/moe', 'txt/moe', 'img/aux', 'txt/aux')) for k in out)

@@ -247,3 +247,21 @@ def test_module_uses_ambient_expert_mesh():
   with pytest.raises(ValueError, match=r'num_experts=4 does not divide over the 8 devices'):
     with jax.set_mesh(jax.make_mesh((1, 8), ('data', 'expert'), axis_types=(AUTO, AUTO))):
       jax.jit(m.apply)(v, x)
+
+
+def test_gating_noise_only_in_training():
+  m = moe.MoeMlp(spec=dict(num_experts=4, group_size=8, noise_std=0.5, load_weight=1.0),
+                 mlp_dim=16)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8))
+  v = jax.jit(m.init)(jax.random.key(1), x)
+  apply = jax.jit(lambda v, x, r: m.apply(v, x, train=True, rngs={'dropout': r}))
+  a, b = apply(v, x, jax.random.key(2)), apply(v, x, jax.random.key(3))
+  assert not np.allclose(a[0], b[0])  # Noise changes the gates (and so the outputs).
+  evaluate = jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)  # No rng needed.
+  want = moe.moe_apply(v['params'], x, spec=moe.MoeSpec.make(m.spec), train=False)
+  np.testing.assert_allclose(evaluate[0], want[0], atol=1e-6)
+  # The noisy load loss is differentiable (a smooth probability of selection).
+  g = jax.jit(jax.grad(lambda p: m.apply({'params': p}, x, train=True,
+                                         rngs={'dropout': jax.random.key(2)})[1]['loss']))(
+                                             v['params'])
+  assert float(jnp.abs(g['router']).max()) > 0
