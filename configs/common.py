@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.split = 'train'
   c.input.shuffle_buffer = 10_000
   c.input.cache = False
+  # Data shards (one tf.data pipeline each); None = one per process. The stream depends on
+  # the shard count only, so fix it to resume a run under a different number of processes.
+  c.input.shards = config_dict.placeholder(int)
   c.input.pp = ''  # Set by recipes; see mmcl/data/preprocess.py for the ops.
 
   # Tuples (not lists) so that `--config.mesh="(('data', 4), ('fsdp', 2))"` can override.
@@ -54,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.end_factor = 0.0
 
   c.log_every = 10
+  c.max_skipped_steps = 10  # Consecutive non-finite updates (skipped) before the run stops.
   c.ckpt_every = 500
   c.ckpt_keep = 3
   c.progress_bar = True

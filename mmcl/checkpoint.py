@@ -3,11 +3,19 @@
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash during a save never leaves a half-written checkpoint that resume would pick up.
 Restores go straight into the target shardings (no unsharded copy of the parameters).
+Orbax stores arrays with tensorstore and metadata as JSON: nothing is ever unpickled.
+
+The input pipeline's position is saved beside each checkpoint, under
+`workdir/data_state/<step>/`, written (blocking) before the orbax save of that step starts,
+so every complete checkpoint has a complete data state.
 """
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+
+from mmcl.parallel.partition import path_str
 
 
 class Checkpointer:
@@ -21,6 +29,22 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self.every = every
+    self.data_directory = os.path.join(os.path.abspath(workdir), 'data_state')
+
+  def is_due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0 and step not in self.all_steps()
+
+  def data_state_dir(self, step: int) -> str:
+    return os.path.join(self.data_directory, str(step))
+
+  def prune_data_states(self):
+    """Drops data states older than the oldest kept checkpoint (process 0 only)."""
+    steps = self.all_steps()
+    if jax.process_index() or not steps or not os.path.isdir(self.data_directory):
+      return
+    for name in os.listdir(self.data_directory):
+      if name.isdigit() and int(name) < min(steps):
+        shutil.rmtree(os.path.join(self.data_directory, name), ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -41,10 +65,28 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    self.check_structure(abstract_state, step)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
         shardings)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+  def check_structure(self, abstract_state, step: int):
+    """Refuses a checkpoint whose arrays do not match the model's, naming the differences."""
+    saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
+        self._manager.item_metadata(step)) if hasattr(m, 'shape')}
+    want = {path_str(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    shapes = sorted(f'{k}: checkpoint {saved[k]} vs model {want[k]}'
+                    for k in set(want) & set(saved) if saved[k] != want[k])
+    if missing or unexpected or shapes:
+      def show(names):
+        return ', '.join(names[:20]) + (f' ... ({len(names)} in all)' if len(names) > 20 else '')
+      raise ValueError(
+          f'The checkpoint at step {step} in {self.directory} does not match the model: '
+          f'missing {show(missing) or "none"}; unexpected {show(unexpected) or "none"}; '
+          f'shape mismatches {show(shapes) or "none"}.')
 
   def wait(self):
     self._manager.wait_until_finished()

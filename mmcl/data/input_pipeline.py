@@ -68,11 +68,19 @@ def add_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
 def get_dataset(*, name: str, split: str, pp: str, batch_size: int, data_dir=None,
                 train: bool = True, shuffle_buffer: int = 10_000, seed: int = 0,
                 process_index: int = 0, process_count: int = 1,
-                cache: bool = False) -> tf.data.Dataset:
+                cache: bool = False, shapes: dict | None = None,
+                with_index: bool = False) -> tf.data.Dataset:
   """Per-process batches of `batch_size // process_count` preprocessed examples.
 
   For training the stream repeats forever, shuffled; for evaluation it is one ordered
   pass and the last batch is kept (smaller), so every example is seen exactly once.
+  (`process_index` / `process_count` may also name one of several data shards a process
+  reads, see `ShardedBatches`.)
+
+  A record whose preprocessing fails (e.g. corrupt image bytes), or whose features do not
+  have the `shapes` given ({key: shape}), is dropped, never fatal. With `with_index`, each
+  example carries `_index`, its position in the stream before dropping, so a consumer can
+  count what was dropped.
   """
   if batch_size % process_count:
     raise ValueError(f'Batch size {batch_size} does not divide over {process_count} processes.')
@@ -87,12 +95,85 @@ def get_dataset(*, name: str, split: str, pp: str, batch_size: int, data_dir=Non
   if train:
     ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
   ds = add_seeds(ds, seed + 1_000_003 * process_index)
-  ds = ds.map(pp_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.enumerate().map(lambda i, ex: {**pp_fn(ex), '_index': i},
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors()  # Records that fail to decode or preprocess are dropped.
+  if shapes:
+    ds = ds.filter(lambda ex: _has_shapes(ex, shapes))
+  if not with_index:
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != '_index'})
   if train:
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
   else:  # Keeps variable-length features (e.g. several captions per image) as ragged.
     ds = ds.ragged_batch(batch_size // process_count)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _has_shapes(example: dict, shapes: dict) -> tf.Tensor:
+  ok = tf.constant(True)
+  for key, shape in shapes.items():
+    if example[key].shape.rank != len(shape):
+      return tf.constant(False)
+    got = tf.shape(example[key])
+    ok = tf.logical_and(ok, tf.reduce_all(tf.equal(got, tf.constant(shape, got.dtype))))
+  return ok
+
+
+class ShardedBatches:
+  """Global training batches from several data shards, with a saveable exact position.
+
+  The split is cut into `num_shards` shards, each with its own tf.data pipeline (own
+  shuffle and random seeds); the global batch is the concatenation of one batch from every
+  shard, in shard order. A process reads the shards `shard_ids` and assembles the global
+  jax.Array from its local rows. The stream depends on the number of shards, not on the
+  number of processes, so runs with 1 and with N processes see the same batches, and the
+  per-shard iterator states saved in a checkpoint resume under any process count that
+  divides the number of shards.
+  """
+
+  def __init__(self, make_dataset, shard_ids, num_shards: int, sharding):
+    self.shard_ids, self.num_shards, self.sharding = list(shard_ids), num_shards, sharding
+    self._iters = [iter(make_dataset(i)) for i in self.shard_ids]
+    # Examples emitted per shard; with the last `_index` seen this gives the dropped count.
+    self._emitted = [tf.Variable(0, dtype=tf.int64) for _ in self.shard_ids]
+    self._last = [tf.Variable(-1, dtype=tf.int64) for _ in self.shard_ids]
+    self._ckpts = [tf.train.Checkpoint(iterator=it, emitted=e, last=l)
+                   for it, e, l in zip(self._iters, self._emitted, self._last)]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    parts = []
+    for it, emitted, last in zip(self._iters, self._emitted, self._last):
+      batch = next(it)
+      index = batch.pop('_index').numpy()
+      emitted.assign_add(len(index))
+      last.assign(int(index[-1]))
+      parts.append({k: v.numpy() for k, v in batch.items()})
+    local = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.sharding, x), local)
+
+  @property
+  def dropped(self) -> int:
+    """Records this process dropped so far (failed preprocessing or wrong shape)."""
+    return sum(int(l.numpy()) + 1 - int(e.numpy()) for l, e in zip(self._last, self._emitted))
+
+  def save(self, directory: str):
+    """Writes each shard's iterator state to `directory/shard_<i>` (blocking)."""
+    for i, ckpt in zip(self.shard_ids, self._ckpts):
+      ckpt.write(os.path.join(directory, f'shard_{i}', 'state'))
+
+  def restore(self, directory: str):
+    saved = sorted(n for n in os.listdir(directory) if n.startswith('shard_'))
+    if len(saved) != self.num_shards:
+      raise ValueError(
+          f'The data state in {directory} has shards {saved}, but this run reads '
+          f'{self.num_shards} shards ({self.shard_ids} in this process): set '
+          f'config.input.shards to the number the run was started with.')
+    for i, ckpt in zip(self.shard_ids, self._ckpts):
+      ckpt.read(os.path.join(directory, f'shard_{i}', 'state')).assert_consumed()
 
 
 def global_batches(ds: tf.data.Dataset, sharding) -> Iterator[dict[str, jax.Array]]:

@@ -4,9 +4,12 @@ The loop holds no math: `mmcl.train.step.train_step` is the whole update. Step N
 metrics are read only after step N is dispatched, so the host never stalls the device.
 """
 import dataclasses
+import os
+import signal
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -80,8 +83,66 @@ def compile_train_step(config: ml_collections.ConfigDict):
   return s.train_step.lower(state, s.batch_shapes).compile()
 
 
+def _data_shards(config) -> int:
+  shards = config.input.get('shards') or jax.process_count()
+  if shards % jax.process_count() or config.batch_size % shards:
+    raise ValueError(
+        f'config.input.shards={shards} must be a multiple of the {jax.process_count()} '
+        f'processes and divide config.batch_size={config.batch_size}.')
+  return shards
+
+
+def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
+  """The training stream: this process's data shards, assembled into global batches."""
+  shards = _data_shards(config)
+  per_process = shards // jax.process_count()
+  size = config.image_size
+
+  def make_dataset(shard):
+    return input_pipeline.get_dataset(
+        name=config.input.name, split=config.input.split,
+        pp=input_pipeline.format_pp(config.input.pp, config),
+        batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
+        shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
+        process_count=shards, cache=config.input.cache, with_index=True,
+        shapes={'image': (size, size, 3), 'text': (config.text_len,)})
+
+  first = jax.process_index() * per_process
+  return input_pipeline.ShardedBatches(make_dataset, range(first, first + per_process),
+                                       shards, mesh_lib.batch_sharding(mesh))
+
+
+class _Preemption:
+  """SIGTERM: finish the current step, checkpoint it, exit cleanly. Processes agree."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # Any process's signal stops all of them at the same step.
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    return bool(np.any(flags))
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics.
+
+  Resume is exact: the checkpoint holds the train state and the input pipeline's position,
+  and every random number derives from (seed, step), so an interrupted and resumed run
+  computes the same parameters as an uninterrupted one. On SIGTERM the current step
+  finishes, a checkpoint is written and the function returns (tools/train.py exits 0).
+  """
   s = setup(config)
   mesh, model, tx, batch_shapes = s.mesh, s.model, s.tx, s.batch_shapes
   abstract_state, state_sharding, train_step = s.abstract_state, s.state_sharding, s.train_step
@@ -89,27 +150,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep, every=config.ckpt_every)
   start = ckpt.latest_step()
+  data_seed = config.seed
   if start is None:
     state = jax.jit(lambda r: step_lib.init_state(model, tx, r, batch_shapes),
                     out_shardings=state_sharding)(rng)
     start = 0
   else:
     state = ckpt.restore(abstract_state, state_sharding, start)
+    if not os.path.isdir(ckpt.data_state_dir(start)):
+      data_seed = config.seed + start  # No saved position: at least do not replay batches.
+      logging.warning('No data state for step %d: the input stream is reseeded.', start)
     if jax.process_index() == 0:
       print(f'Resumed from step {start} in {ckpt.directory}', flush=True)
+  batches = make_batches(config, mesh, data_seed)
+  if start and data_seed == config.seed:
+    batches.restore(ckpt.data_state_dir(start))
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-
-  # The data stream is reseeded by the start step, so a resumed run does not replay the
-  # batches it already trained on. (Exact-position resume is tracked separately.)
-  ds = input_pipeline.get_dataset(
-      name=config.input.name, split=config.input.split,
-      pp=input_pipeline.format_pp(config.input.pp, config),
-      batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
-      shuffle_buffer=config.input.shuffle_buffer, seed=config.seed + start,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      cache=config.input.cache)
-  batches = input_pipeline.global_batches(ds, mesh_lib.batch_sharding(mesh))
-
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
 
   def run_evals(step, final=False):
@@ -121,18 +177,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       writer.write(step, results)
     return results
 
-  logger = _TrainLogger(config, writer, start)
-  for step in range(start + 1, config.total_steps + 1):
-    batch = next(batches)
-    if step == start + 1:
-      validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
-    state, metrics = train_step(state, batch)
-    logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
-    ckpt.save(step, state)
-    run_evals(step)
+  def save(step, force=False):
+    if force or ckpt.is_due(step):
+      batches.save(ckpt.data_state_dir(step))  # Blocking, before the async orbax save.
+      ckpt.save(step, state, force=True)
+      ckpt.prune_data_states()
+
+  logger = _TrainLogger(config, writer, start, batches)
+  preemption = _Preemption()
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = next(batches)
+      if step == start + 1:
+        validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
+      state, metrics = train_step(state, batch)
+      logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
+      if preemption.should_stop():
+        logger.close()
+        save(step, force=True)
+        ckpt.close()
+        writer.close()
+        if jax.process_index() == 0:
+          print(f'Preempted: checkpoint of step {step} written; run again to resume.',
+                flush=True)
+        return {}
+      save(step)
+      run_evals(step)
+  finally:
+    preemption.close()
   logger.close()
   final = run_evals(config.total_steps, final=True)
-  ckpt.save(config.total_steps, state, force=True)
+  save(config.total_steps, force=config.total_steps not in ckpt.all_steps())
   ckpt.close()
   writer.close()
   _print_table(final)
@@ -140,10 +215,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 class _TrainLogger:
-  """Progress bar and periodic train metrics, read one step late to keep dispatch async."""
+  """Progress bar and periodic train metrics, read one step late to keep dispatch async.
 
-  def __init__(self, config, writer, start: int):
-    self.config, self.writer = config, writer
+  Every step's skip counter is read (one step late): after `config.max_skipped_steps`
+  consecutive non-finite updates the run stops, naming the step and the offending values.
+  """
+
+  def __init__(self, config, writer, start: int, batches):
+    self.config, self.writer, self.batches = config, writer, batches
     self.pending = None
     self.t_last, self.step_last = time.perf_counter(), start
     self.bar = None
@@ -159,23 +238,38 @@ class _TrainLogger:
   def close(self):
     if self.pending is not None:
       self._log(*self.pending)
+      self.pending = None
     if self.bar is not None:
       self.bar.close()
+      self.bar = None
 
   def _log(self, step, metrics):
     if self.bar is not None:
       self.bar.update(1)
+    in_a_row = int(metrics['train/skipped_in_a_row'])
+    if in_a_row >= self.config.get('max_skipped_steps', 10):
+      values = {k: float(metrics[k]) for k in ('train/loss', 'train/total_loss',
+                                                'train/grad_norm')}
+      raise FloatingPointError(
+          f'{in_a_row} consecutive updates skipped for non-finite values, the last at step '
+          f'{step}: {values}. Stopping (config.max_skipped_steps).')
     if step % self.config.log_every and step != self.config.total_steps:
       return
     metrics = jax.device_get(metrics)
-    loss = float(metrics['train/loss'])
-    if not np.isfinite(loss):
-      raise FloatingPointError(f'Non-finite train/loss {loss} at step {step}.')
     now = time.perf_counter()
     steps_per_sec = (step - self.step_last) / max(now - self.t_last, 1e-9)
     self.t_last, self.step_last = now, step
     metrics['train/steps_per_sec'] = steps_per_sec
     metrics['train/examples_per_sec'] = steps_per_sec * self.config.batch_size
+    metrics['data/dropped_records'] = _all_processes_sum(self.batches.dropped)
     self.writer.write(step, metrics)
     if self.bar is not None:
-      self.bar.set_postfix(loss=f'{loss:.3f}', steps_s=f'{steps_per_sec:.2f}', refresh=False)
+      self.bar.set_postfix(loss=f'{float(metrics["train/loss"]):.3f}',
+                           steps_s=f'{steps_per_sec:.2f}', refresh=False)
+
+
+def _all_processes_sum(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))

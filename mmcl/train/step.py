@@ -1,7 +1,9 @@
 """One sharded training update: a pure function of (state, batch), jitted once.
 
-state = {'step': int32[], 'params': ..., 'opt': optax state}. Parameters and optimizer
-state stay sharded by the partition rules; the batch is sharded over the batch axes.
+state = {'step': int32[], 'params': ..., 'opt': optax state, 'skipped': int32[2]}.
+Parameters and optimizer state stay sharded by the partition rules; the batch is sharded
+over the batch axes. An update whose loss or gradient is not finite is skipped: params and
+optimizer state stay as they were, and `skipped` counts (in a row, in total) such steps.
 """
 from collections.abc import Callable
 import functools
@@ -20,7 +22,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_sh
   image = jnp.zeros(batch_shapes['image'].shape, batch_shapes['image'].dtype)
   text = jnp.zeros(batch_shapes['text'].shape, batch_shapes['text'].dtype)
   params = model.init({'params': rng}, image, text, train=False)['params']
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params)}
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params),
+          'skipped': jnp.zeros((2,), jnp.int32)}
 
 
 def state_shardings(model, tx, rng, batch_shapes, mesh, rules):
@@ -67,10 +70,18 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
   total, (value, loss_metrics, heads, model_metrics) = result
   updates, opt = tx.update(grads, state['opt'], state['params'])
   params = optax.apply_updates(state['params'], updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             (params, opt), (state['params'], state['opt']))
+  in_a_row, total_skips = state['skipped'][0], state['skipped'][1]
+  skipped = jnp.stack([jnp.where(finite, 0, in_a_row + 1), total_skips + (~finite)])
   metrics = {
       'train/loss': value,
       'train/total_loss': total,
-      'train/grad_norm': optax.tree.norm(grads),
+      'train/grad_norm': grad_norm,
+      'train/skipped_in_a_row': skipped[0],
+      'train/skipped_total': skipped[1],
       'train/param_norm': optax.tree.norm(params),
       'train/lr': schedule(state['step']),
       **{f'train/{k}': v for k, v in heads.items()},  # train/t, train/b.
@@ -78,7 +89,7 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
       # Model diagnostics (e.g. MoE expert utilisation), scalars named by the model.
       **{f'train/{k}': v for k, v in model_metrics.items()},
   }
-  return {'step': state['step'] + 1, 'params': params, 'opt': opt}, metrics
+  return {'step': state['step'] + 1, 'params': params, 'opt': opt, 'skipped': skipped}, metrics
 
 
 def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sharding, mesh,
