@@ -1,0 +1,162 @@
+"""Collectives in a compiled step's HLO text, with their sizes: the communication check.
+
+`collectives(compiled)` lists every all-reduce, all-gather, reduce-scatter, all-to-all and
+collective-permute of an executable (`jax.jit(f).lower(...).compile()` or its `as_text()`).
+Sizes are per device, in bytes:
+  - `bytes`: the logical array the collective works on: the all-reduced operand, the
+    gathered result, the reduce-scattered input (result x group size), the all-to-all or
+    permuted operand. Summed over a step this is what an analytic count predicts
+    (e.g. gradient all-reduce bytes = parameter bytes under data parallelism).
+  - `wire_bytes`: what one device sends with a ring (bandwidth-optimal) algorithm over a group
+    of n: all-reduce 2(n-1)/n x bytes, all-gather and reduce-scatter (n-1)/n x bytes,
+    all-to-all (n-1)/n x bytes, collective-permute bytes. The roofline uses it.
+XLA combines small collectives into one tuple-shaped op (e.g. every gradient in one
+all-reduce); each entry keeps its leaf shapes, so callers can check them leaf by leaf.
+"""
+import collections
+import dataclasses
+import math
+import re
+
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 'f16': 16,
+         'bf16': 16, 's32': 32, 'u32': 32, 'f32': 32, 's64': 64, 'u64': 64, 'f64': 64,
+         'c64': 64, 'c128': 128}
+_OP_RE = re.compile(r'^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.*?)\s(' + '|'.join(KINDS) +
+                    r')(-start)?\(')
+_SHAPE_RE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+_META_RE = re.compile(r'op_name="([^"]*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str  # One of KINDS.
+  name: str  # The HLO instruction name.
+  shapes: tuple[tuple[str, tuple[int, ...]], ...]  # Result leaves: (dtype, dims).
+  group_size: int  # Devices in each replica group.
+  bytes: int  # Logical bytes per device (see the module docstring).
+  op_name: str  # JAX's op_name metadata: where in the program it came from.
+
+  @property
+  def wire_bytes(self) -> float:
+    n = self.group_size
+    if self.kind == 'all-reduce':
+      return 2 * (n - 1) / n * self.bytes
+    if self.kind == 'collective-permute':
+      return float(self.bytes)
+    return (n - 1) / n * self.bytes
+
+
+def _leaf_bytes(dtype: str, dims: tuple[int, ...]) -> int:
+  if dtype not in _BITS and not dtype.startswith('f8'):
+    raise ValueError(f'Unknown HLO element type {dtype!r}.')
+  return math.prod(dims) * _BITS.get(dtype, 8) // 8
+
+
+def _group_size(line: str, num_devices: int | None) -> int:
+  """Devices per replica group, from any of the forms XLA prints."""
+  m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)  # {{0,1,2,3},{4,5,6,7}}
+  if m:
+    return len(m.group(1).split(','))
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)  # Iota: [groups, size]<=[n]
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=8] {'a'}
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+  m = re.search(r'source_target_pairs=\{((?:\{[\d,]*\},?)*)\}', line)  # collective-permute
+  if m:
+    return len(set(re.findall(r'\d+', m.group(1))))
+  if num_devices is None:
+    raise ValueError(f'No replica groups in {line[:200]!r}; pass num_devices.')
+  return num_devices  # replica_groups={}: every device.
+
+
+def collectives(compiled_or_text, num_devices: int | None = None) -> list[Collective]:
+  """Every collective in the HLO, in program order (async pairs counted once, at -start)."""
+  text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
+  found = []
+  for line in text.splitlines():
+    m = _OP_RE.match(line)
+    if not m:
+      continue
+    name, result_type, kind, start = m.groups()
+    shapes = tuple((dt, tuple(int(d) for d in dims.split(',') if d))
+                   for dt, dims in _SHAPE_RE.findall(result_type))
+    if start and kind != 'all-reduce':
+      shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results.
+    group = _group_size(line, num_devices)
+    size = sum(_leaf_bytes(dt, dims) for dt, dims in shapes)
+    if kind == 'reduce-scatter':
+      size *= group
+    meta = _META_RE.search(line)
+    found.append(Collective(kind, name, shapes, group, size, meta.group(1) if meta else ''))
+  return found
+
+
+def summary(colls: list[Collective]) -> dict[str, dict[str, float]]:
+  """{kind: {'count', 'bytes', 'wire_bytes'}} over the kinds present."""
+  out = collections.defaultdict(lambda: {'count': 0, 'bytes': 0, 'wire_bytes': 0.0})
+  for c in colls:
+    row = out[c.kind]
+    row['count'] += 1
+    row['bytes'] += c.bytes
+    row['wire_bytes'] += c.wire_bytes
+  return {k: dict(v) for k, v in out.items()}
+
+
+def format_table(colls: list[Collective]) -> str:
+  """One line per collective: kind, bytes, group, leaves, source op."""
+  lines = [f'{"kind":<19} {"bytes":>12} {"group":>5} {"leaves":>6}  op']
+  for c in colls:
+    lines.append(f'{c.kind:<19} {c.bytes:>12,} {c.group_size:>5} {len(c.shapes):>6}  '
+                 f'{c.op_name[-70:]}')
+  return '\n'.join(lines)
+
+
+def data_parallel_problems(colls: list[Collective], *, param_shapes, embedding_bytes: int,
+                           max_scalars: int = 16) -> list[str]:
+  """Why `colls` is not the minimal communication of a data-parallel contrastive step.
+
+  Expected, and nothing else: all-reduces whose non-scalar leaves add up to exactly the
+  parameter bytes (the gradients, in any grouping XLA combines them into) plus at most
+  `max_scalars` scalar leaves (loss sums, scalar-parameter gradients); the loss's embedding
+  exchange: all-gathers of one [B, D] embedding matrix (`embedding_bytes`) each, at most
+  two, and as many reduce-scatters of the same size (their gradients). `param_shapes`: a
+  tree of arrays / ShapeDtypeStructs. Returns [] when the step is minimal.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree.leaves(param_shapes)
+  param_bytes = sum(x.size * x.dtype.itemsize for x in leaves if x.ndim)
+  problems = []
+  by_kind = collections.defaultdict(list)
+  for c in colls:
+    by_kind[c.kind].append(c)
+  reduced = sum(_leaf_bytes(dt, dims) for c in by_kind['all-reduce']
+                for dt, dims in c.shapes if dims)
+  scalars = sum(1 for c in by_kind['all-reduce'] for _, dims in c.shapes if not dims)
+  if reduced != param_bytes:
+    problems.append(f'all-reduce of {reduced:,} non-scalar bytes; the gradients are '
+                    f'{param_bytes:,}: ' + _where(by_kind['all-reduce']))
+  if scalars > max_scalars:
+    problems.append(f'{scalars} scalar all-reduce leaves (at most {max_scalars} expected).')
+  for kind in ('all-gather', 'reduce-scatter'):
+    odd = [c for c in by_kind[kind] if c.bytes != embedding_bytes]
+    if odd:
+      problems.append(f'{kind} not of one [B, D] embedding ({embedding_bytes:,} bytes): ' +
+                      _where(odd))
+    if len(by_kind[kind]) > 2:
+      problems.append(f'{len(by_kind[kind])} {kind}s; the loss exchanges at most 2 embeddings: '
+                      + _where(by_kind[kind]))
+  if len(by_kind['all-gather']) != len(by_kind['reduce-scatter']):
+    problems.append(f'{len(by_kind["all-gather"])} all-gathers but '
+                    f'{len(by_kind["reduce-scatter"])} reduce-scatters (their gradients).')
+  for kind in ('all-to-all', 'collective-permute'):
+    if by_kind[kind]:
+      problems.append(f'unexpected {kind}: ' + _where(by_kind[kind]))
+  return problems
+
+
+def _where(colls: list[Collective]) -> str:
+  return '; '.join(f'{c.kind} {c.bytes:,} B from {c.op_name or c.name}' for c in colls)
