@@ -1,7 +1,7 @@
 """Evaluates a saved checkpoint with the evaluators of `config.evals` (tools/eval.py).
 
-The train state is restored straight into its shardings (as the train loop resumes), then
-every evaluator runs once. Results go to `<out_dir>/metrics.jsonl` and TensorBoard (process
+Only the parameters are restored, straight into their training shardings; then every
+evaluator runs once. Results go to `<out_dir>/metrics.jsonl` and TensorBoard (process
 0 only), apart from the training run's own metrics.jsonl so nothing there is rewritten.
 
 It needs the train state's layout, so it imports mmcl.train lazily (mmcl.train imports
@@ -9,8 +9,6 @@ this package); it would sit more naturally in mmcl/train/.
 """
 import os
 import sys
-
-import jax
 
 from mmcl import evaluate
 
@@ -32,35 +30,37 @@ def resolve_checkpoint(workdir: str | None, checkpoint: str | None) -> tuple[str
 
 
 def restore_params(config, workdir: str, step: int | None = None):
-  """(model, mesh, params, step) of `step` (default latest) in `workdir`."""
+  """(model, mesh, params, step) of `step` (default latest) in `workdir`.
+
+  Only the parameters are read (orbax partial restore), straight into the shardings the
+  train loop's own setup gives them: no optimizer state is read or allocated.
+  """
+  import jax
+  import orbax.checkpoint as ocp
   from mmcl import checkpoint as checkpoint_lib
-  from mmcl import models
-  from mmcl.parallel import mesh as mesh_lib
-  from mmcl.train import optim, step as step_lib, validate as validate_lib
-  mesh = validate_lib.validate(config)
-  model = models.get_model(config.model)
-  sharding = mesh_lib.batch_sharding(mesh)
-  b, size = config.batch_size, config.image_size
-  batch_shapes = {
-      'image': jax.ShapeDtypeStruct((b, size, size, 3), 'float32', sharding=sharding),
-      'text': jax.ShapeDtypeStruct((b, config.text_len), 'int32', sharding=sharding)}
-  rng = jax.random.key(config.seed)
-  params_shape = jax.eval_shape(
-      lambda: model.init({'params': rng}, *[jax.numpy.zeros(s.shape, s.dtype)
-                                            for s in batch_shapes.values()])['params'])
-  tx = optim.make_optimizer(config, params_shape)
-  abstract, shardings = step_lib.state_shardings(model, tx, rng, batch_shapes, mesh,
-                                                 config.sharding_rules)
+  from mmcl.train import loop  # Lazy: mmcl.train imports this package.
+  s = loop.setup(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep)
-  step = ckpt.latest_step() if step is None else step
+  steps = ckpt.all_steps()
+  ckpt.close()
+  step = max(steps, default=None) if step is None else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
-  if step not in ckpt.all_steps():
+  if step not in steps:
     raise FileNotFoundError(f'No checkpoint at step {step} in {ckpt.directory}; '
-                            f'steps: {ckpt.all_steps()}.')
-  state = ckpt.restore(abstract, shardings, step)
-  ckpt.close()
-  return model, mesh, state['params'], step
+                            f'steps: {steps}.')
+  target = {'params': jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      s.abstract_state['params'], s.state_sharding['params'])}
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      target)
+  # 'default' is the item the Checkpointer's orbax manager saves the state under.
+  path = os.path.join(ckpt.directory, str(step), 'default')
+  with ocp.PyTreeCheckpointer() as reader:
+    state = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  return s.model, s.mesh, state['params'], step
 
 
 def evaluate_checkpoint(config, *, workdir=None, checkpoint=None, only=None, out_dir=None):
