@@ -6,6 +6,7 @@
 Types: zeroshot, retrieval, probe, geometry (see docs/evaluation.md).
 """
 from mmcl.data import input_pipeline
+from mmcl.evaluate import pp_ops  # noqa: F401  (registers the eval pp op resize_small)
 from mmcl.evaluate.geometry import GeometryEvaluator
 from mmcl.evaluate.predict import Predictor
 from mmcl.evaluate.probe import ProbeEvaluator

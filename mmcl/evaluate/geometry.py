@@ -13,7 +13,6 @@ Each image is paired with its first caption. Metrics: `geometry/<name>/<metric>`
 import numpy as np
 
 from mmcl.data import tokenizers
-from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
 from mmcl.evaluate import predict
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate import retrieval

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
 from mmcl.evaluate import predict, zeroshot
 from mmcl.evaluate.predict import Predictor, l2_normalize
 

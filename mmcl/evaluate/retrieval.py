@@ -8,7 +8,6 @@ import jax
 import numpy as np
 
 from mmcl.data import tokenizers
-from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
 from mmcl.evaluate import predict
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate.predict import Predictor

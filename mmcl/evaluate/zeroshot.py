@@ -14,11 +14,9 @@ dataset with several label `tasks` (the synthetic shapes) reports `zeroshot/<nam
 """
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from mmcl.data import input_pipeline, tokenizers
-from mmcl.evaluate import pp_ops  # noqa: F401  (registers resize_small)
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate import predict
 from mmcl.evaluate.predict import Predictor, l2_normalize
