@@ -73,8 +73,13 @@ def _group_size(line: str, num_devices: int | None) -> int:
   return num_devices  # replica_groups={}: every device.
 
 
-def collectives(compiled_or_text, num_devices: int | None = None) -> list[Collective]:
-  """Every collective in the HLO, in program order (async pairs counted once, at -start)."""
+def collectives(compiled_or_text, num_devices: int | None = None,
+                keep_trivial: bool = False) -> list[Collective]:
+  """Every collective in the HLO, in program order (async pairs counted once, at -start).
+
+  Collectives over groups of one device move nothing (a one-device mesh keeps them) and are
+  left out unless `keep_trivial`.
+  """
   text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
   found = []
   for line in text.splitlines():
@@ -87,6 +92,8 @@ def collectives(compiled_or_text, num_devices: int | None = None) -> list[Collec
     if start and kind != 'all-reduce':
       shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results.
     group = _group_size(line, num_devices)
+    if group == 1 and not keep_trivial:
+      continue
     size = sum(_leaf_bytes(dt, dims) for dt, dims in shapes)
     if kind == 'reduce-scatter':
       size *= group
