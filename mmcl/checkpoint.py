@@ -72,11 +72,16 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
   def check_structure(self, abstract_state, step: int):
-    """Refuses a checkpoint whose arrays do not match the model's, naming the differences."""
+    """Refuses a checkpoint whose parameters do not match the model's, naming them all.
+
+    (The optimizer state follows the parameters; orbax checks it on restore.)
+    """
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(self.directory, str(step), 'default')).item_metadata
     saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
-        self._manager.item_metadata(step)) if hasattr(m, 'shape')}
+        metadata['params']) if hasattr(m, 'shape')}
     want = {path_str(p): tuple(a.shape)
-            for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_state['params'])}
     missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
     shapes = sorted(f'{k}: checkpoint {saved[k]} vs model {want[k]}'
                     for k in set(want) & set(saved) if saved[k] != want[k])

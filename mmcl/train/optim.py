@@ -61,6 +61,9 @@ def make_optimizer(config: ml_collections.ConfigDict, params_shape) -> optax.Gra
     labels = _freeze_labels(params_shape, opt.freeze)
     if 'frozen' not in jax.tree.leaves(labels):
       raise ValueError(f'config.optim.freeze={opt.freeze!r} matches no parameter.')
+    if 'trained' not in jax.tree.leaves(labels):
+      raise ValueError(f'config.optim.freeze={opt.freeze!r} freezes every parameter: '
+                       'nothing would train. Freeze one tower, e.g. "img/.*" (LiT).')
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx
 
