@@ -31,15 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/bench_small.py.')
-flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
-flags.DEFINE_integer('steps', 10, 'Timed steps.')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
-flags.DEFINE_integer('devices', None, 'Forced host devices (CPU); default: what JAX sees.')
-flags.DEFINE_integer('matmul', 2048, 'Side of the square fp32 matmul that measures peak.')
-flags.DEFINE_enum('reference', None, ['open_clip'], 'Also time this reference model.')
-flags.DEFINE_bool('collectives', False, 'Also print the table of collectives (stderr).')
-flags.mark_flags_as_required(['config'])
+
+def define_flags():
+  """The flags of this tool (not defined on import: bench_input imports the functions)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/bench_small.py.')
+  flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
+  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
+  flags.DEFINE_integer('devices', None, 'Forced host devices (CPU); default: what JAX sees.')
+  flags.DEFINE_integer('matmul', 2048, 'Side of the square fp32 matmul that measures peak.')
+  flags.DEFINE_enum('reference', None, ['open_clip'], 'Also time this reference model.')
+  flags.DEFINE_bool('collectives', False, 'Also print the table of collectives (stderr).')
+  flags.mark_flags_as_required(['config'])
 
 
 def median_seconds(fn, steps: int, warmup: int) -> float:
@@ -148,7 +151,8 @@ def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict |
   model = open_clip.model.CLIP(
       embed_dim=256, vision_cfg=dict(image_size=64, layers=6, width=256, head_width=64,
                                      patch_size=8),
-      text_cfg=dict(context_length=32, vocab_size=4096, width=256, heads=4, layers=4))
+      text_cfg=dict(context_length=32, vocab_size=4096, width=256, heads=4, layers=4),
+      output_dict=True)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6,
                           weight_decay=0.1)
@@ -202,4 +206,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmark tools' functions and the analytic FLOP count (no timings)."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from configs import bench_small, demo, limoe_b16
+from mmcl import models
+from mmcl.models import flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_small_is_the_issue_model():
+  c = bench_small.get_config()
+  assert c.batch_size == 128 and c.loss.name == 'softmax' and c.optim.name == 'adamw'
+  # open_clip's CLIP of bench_small's docstring has the same count (measured, torch 2.14.1).
+  assert flops.param_count(c.model, c.image_size, c.text_len) == 9_153_025
+
+
+@pytest.mark.parametrize('config', [demo.get_config('tiny'), bench_small.get_config('tiny')],
+                         ids=['demo_tiny', 'bench_small_tiny'])
+def test_analytic_forward_flops_match_xla(config):
+  analytic = flops.two_towers_forward(config.model, config.image_size, config.text_len)
+  xla = models.summarize(config.model, config.image_size, config.text_len, batch=4)
+  # XLA also counts element-wise work (LayerNorm, GELU, softmax): a few percent more.
+  assert 1.0 <= xla['forward_flops'] / (analytic['image'] + analytic['text']) < 1.06
+
+
+def test_train_step_flops_of_paper_configs():
+  # LIMoE-B/16: 32 experts every 2nd layer, top-1, capacity 1: about the dense B/16 count.
+  c = limoe_b16.get_config()
+  f = flops.train_step_flops(c.model, 224, 16, global_batch=32768, local_batch=128)
+  dense = flops.encoder_flops(196, 768, 12, 3072)
+  assert 1.0 < f['image'] / dense < 1.15
+  assert f['train'] == pytest.approx(3 * f['forward'] - 2 * 196 * 16 * 16 * 3 * 768)
+
+
+def test_random_batch_has_eot_tokens():
+  bench_step = _tool('bench_step')
+  c = bench_small.get_config('tiny')
+  batch = bench_step.random_batch(c, 16)
+  assert batch['image'].shape == (16, 64, 64, 3) and batch['text'].shape == (16, 32)
+  assert batch['text'].dtype == np.int32 and (batch['text'][:, 0] > 0).all()
+  assert (batch['text'] == 0).any() and batch['text'].max() < 4096
+
+
+def test_bench_step_runs_the_real_step_on_8_devices():
+  bench_step = _tool('bench_step')
+  c = demo.get_config('tiny')
+  c.model.image.depth = c.model.text.depth = 1
+  c.progress_bar = False
+  row = bench_step.bench_step(c, steps=1, warmup=0, matmul=256)
+  assert row['devices'] == 8 and row['examples_per_sec'] > 0 and row['mfu'] > 0
+  # cost_analysis is per device: times 8 devices it is the analytic count plus element-wise.
+  assert 1.0 < row['flops_ratio'] < 1.15, row
+  assert set(row['collectives']) == {'all-reduce', 'all-gather', 'reduce-scatter'}
+  assert row['peak_bytes_per_device'] > row['temp_bytes_per_device'] > 0

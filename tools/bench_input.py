@@ -1,0 +1,83 @@
+r"""Input-pipeline throughput of a config, next to its train step's consumption: one JSON line.
+
+  python tools/bench_input.py --config configs/demo.py
+  python tools/bench_input.py --config configs/bench_small.py --batches 50 --no-step
+
+Times this host's tf.data pipeline alone (mmcl.data.input_pipeline.get_dataset with the
+config's dataset and pp string: read, decode, augment, tokenize, batch), as numpy batches
+with nothing consuming them: `input_examples_per_sec`, the median over `--batches` batches
+after `--warmup` (the shuffle buffer fills during the warm-up). Then, unless `--no-step`,
+the train step's consumption on this host's devices (tools/bench_step.py's measurement):
+`step_examples_per_sec`, and `headroom` = input / step (>= 1: the input keeps up).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.')
+flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
+flags.DEFINE_integer('batches', 30, 'Timed batches.')
+flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
+flags.DEFINE_bool('step', True, 'Also time the train step (bench_step) for comparison.')
+flags.DEFINE_integer('steps', 5, 'Timed train steps.')
+flags.mark_flags_as_required(['config'])
+
+
+def input_examples_per_sec(config, batches: int, warmup: int) -> dict:
+  """This host's pipeline rate: the median over `batches` per-batch times."""
+  import jax
+  from mmcl.data import input_pipeline
+  ds = input_pipeline.get_dataset(
+      name=config.input.name, split=config.input.split,
+      pp=input_pipeline.format_pp(config.input.pp, config),
+      batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
+      shuffle_buffer=config.input.shuffle_buffer, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      cache=config.input.cache)
+  it = ds.as_numpy_iterator()
+  local = config.batch_size // jax.process_count()
+  for _ in range(warmup):
+    next(it)
+  times = []
+  for _ in range(batches):
+    start = time.perf_counter()
+    next(it)
+    times.append(time.perf_counter() - start)
+  sec = statistics.median(times)
+  return {'input_examples_per_sec': round(local / sec, 1),
+          'input_mean_examples_per_sec': round(local * len(times) / sum(times), 1),
+          'local_batch': local}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  config = f.config
+  if f.batch:
+    config.batch_size = f.batch
+  config.progress_bar = False
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; the accelerator is JAX's.
+  row = {'config': f['config'].config_filename, 'dataset': config.input.name,
+         **input_examples_per_sec(config, f.batches, f.warmup)}
+  if f.step:
+    import bench_step  # pylint: disable=import-outside-toplevel
+    step = bench_step.bench_step(config, f.steps, warmup=1)
+    # Per host: this process's share of the global batch, as fast as the step takes it.
+    import jax
+    row['step_examples_per_sec'] = round(step['examples_per_sec'] / jax.process_count(), 2)
+    row['headroom'] = round(row['input_examples_per_sec'] / row['step_examples_per_sec'], 2)
+  print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
