@@ -85,6 +85,9 @@ def test_fsdp_shards_parameters_and_optimizer_state(shapes_data_dir):
     ({'input.pp': 'decode|sharpen(2)'}, r"Unknown pp op 'sharpen'.*valid ops"),
     ({'batch_size': 36}, r'batch_size=36 does not divide over the 8 batch shards'),
     ({'mesh': [('data', 3)]}, r'does not fit 8 devices'),
+    ({'optim.freeze': '.*'}, r'freezes every parameter'),
+    ({'accum_steps': 3}, r'accum_steps=3 must be >= 1 and split'),
+    ({'temperature.type': 'annealed'}, r"Unknown config.temperature.type 'annealed'"),
 ])
 def test_bad_config_fails_before_compiling(shapes_data_dir, tmp_path, override, match):
   c = tiny_config(shapes_data_dir, **override)
