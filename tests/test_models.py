@@ -247,15 +247,16 @@ def test_remat_same_outputs_and_grads(txt_params):
     return jnp.sum(jnp.sin(feat)), feat
 
   results = []
-  for remat in (False, True):
+  for remat in (False, True, 'dots', 'dots_no_batch'):
     fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     results.append(fn(txt_params, _text_model(remat=remat)))
   (v0, feat0), g0 = results[0]
-  (v1, feat1), g1 = results[1]
-  np.testing.assert_allclose(v1, v0, rtol=1e-6)
-  np.testing.assert_allclose(feat1, feat0, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               g0, g1)
+  for (v1, feat1), g1 in results[1:]:
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(feat1, feat0, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+  with pytest.raises(ValueError, match=r"Unknown remat policy 'some'.*dots"):
+    _text_model(remat='some').init(KEY, _text())
 
 
 def test_remat_reaches_both_towers_and_keeps_param_names():
@@ -266,6 +267,9 @@ def test_remat_reaches_both_towers_and_keeps_param_names():
       jax.eval_shape(base.init, KEY, _image(), _text()))
   jaxpr = str(jax.make_jaxpr(rem.apply)(shapes, _image(), _text()))
   assert jaxpr.count('checkpoint') + jaxpr.count('remat') >= 2, jaxpr
+  dots = _two_towers(image={'depth': 1}, text={'depth': 1}, remat='dots')
+  jaxpr = str(jax.make_jaxpr(dots.apply)(shapes, _image(), _text()))
+  assert jaxpr.count('policy=DotsSaveable') >= 2, jaxpr  # The policy reaches both towers.
   jaxpr = str(jax.make_jaxpr(base.apply)(shapes, _image(), _text()))
   assert 'checkpoint' not in jaxpr and 'remat' not in jaxpr
 

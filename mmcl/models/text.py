@@ -55,7 +55,7 @@ class TextTransformer(nn.Module):
   style: str = 'siglip'
   pool: str | None = None
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Any = 'float32'
   moe: Any = None  # Sparse MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
 

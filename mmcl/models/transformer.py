@@ -75,22 +75,40 @@ class EncoderBlock(nn.Module):
     return x_BxLxD + y
 
 
+# What the backward pass may keep instead of recomputing (`remat=` of the towers):
+# 'full' (= True) keeps only each block's input; 'dots' keeps matmul outputs; 'dots_no_batch'
+# keeps matmul outputs without batch dimensions (weights-like); False / 'none': no remat.
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block_cls, remat: bool | str, static_argnums: tuple[int, ...]):
+  """`block_cls`, rematerialised by the policy `remat` names (see REMAT_POLICIES)."""
+  if remat in (False, None, 'none'):
+    return block_cls
+  policy = 'full' if remat is True else remat
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'Unknown remat policy {remat!r}; valid: False, True, '
+                     f'{sorted(REMAT_POLICIES)}')
+  return nn.remat(block_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[policy])
+
+
 class Encoder(nn.Module):
   """A stack of `depth` EncoderBlocks followed by a final LayerNorm."""
   depth: int
   mlp_dim: int | None = None
   num_heads: int = 12
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False  # Or a REMAT_POLICIES name.
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True):
-    block_cls = EncoderBlock
-    if self.remat:
-      # Recompute block activations in the backward pass; `deterministic`
-      # (arg 3, counting self) is a Python bool so it must be static.
-      block_cls = nn.remat(EncoderBlock, static_argnums=(3,))
+    # `deterministic` (arg 3, counting self) is a Python bool, so it must be static.
+    block_cls = remat_block(EncoderBlock, self.remat, static_argnums=(3,))
     for i in range(self.depth):
       x_BxLxD = block_cls(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads,

@@ -35,7 +35,7 @@ class TwoTowers(nn.Module):
   max_temperature: float | None = None  # CLIP: 100.0.
   bias_init: float | None = None  # SigLIP: -10.0; None = no `b` param.
   dtype: str = 'float32'  # Compute dtype; params and outputs stay float32.
-  remat: bool = False
+  remat: bool | str = False  # True / 'full', 'dots', 'dots_no_batch' (transformer.py).
 
   def __post_init__(self):
     super().__post_init__()
@@ -62,7 +62,7 @@ class TwoTowers(nn.Module):
       raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.{what}; '
                        f'valid: {sorted(fields)}')
     # A tower's own `remat` may turn remat on for that tower alone.
-    cfg['remat'] = bool(cfg.get('remat', False) or self.remat)
+    cfg['remat'] = cfg.get('remat') or self.remat
     cfg['dtype'] = self.dtype
     return cls(**cfg, num_classes=self.embed_dim, **kw)
 

@@ -54,7 +54,7 @@ class ViT(nn.Module):
   pool: str = 'gap'
   class_token: bool | None = None  # None: only when pool == 'tok'.
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   dtype: Any = 'float32'
   moe: Any = None  # Sparse V-MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
 
