@@ -8,7 +8,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256  # Global, over all processes and devices.
-  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # TFDS data_dir; None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data_dir = config_dict.placeholder(str)
   c.tokenizer = 'bytes'  # Or 'sp:/path/to/model.model'.
   c.image_size = 64  # Image side after preprocessing.
   c.text_len = 64
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.end_factor = 0.0
 
   c.log_every = 10
+  c.preemption_check_every = 10  # Steps between the processes' SIGTERM agreement (multi-process).
   c.max_skipped_steps = 10  # Consecutive non-finite updates (skipped) before the run stops.
   c.ckpt_every = 500
   c.ckpt_keep = 3

@@ -150,8 +150,8 @@ def ring_stats(spec: RowLoss, q_bxD, k_bxD, scale, bias, pos_b, *,
       init = (jnp.zeros_like(q_t), jnp.zeros_like(pos_t), dscale, dbias, dblock, dpos_block)
       dq_t, dpos_t, dscale, dbias, dblock, dpos_block = lax.fori_loop(
           0, n_tiles, col_tile, init)
-      return (_put(dq, i, t, _slice(dq, i, t) + dq_t), _put(dpos, i, t, _slice(dpos, i, t) + dpos_t),
-              dscale, dbias, dblock, dpos_block)
+      return (_put(dq, i, t, _slice(dq, i, t) + dq_t),
+              _put(dpos, i, t, _slice(dpos, i, t) + dpos_t), dscale, dbias, dblock, dpos_block)
 
     return lax.fori_loop(0, n_tiles, row_tile, (*carry, dblock, dpos_block))
 

@@ -115,18 +115,21 @@ def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
 class _Preemption:
   """SIGTERM: finish the current step, checkpoint it, exit cleanly. Processes agree."""
 
-  def __init__(self):
-    self.requested = False
+  def __init__(self, check_every: int = 1):
+    self.requested, self.check_every = False, check_every
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def should_stop(self) -> bool:
+  def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.requested
-    # Any process's signal stops all of them at the same step.
+    if step % self.check_every:
+      return False
+    # Any process's signal stops all of them at the same step (a blocking host exchange,
+    # hence only every `check_every` steps).
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
@@ -184,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       ckpt.prune_data_states()
 
   logger = _TrainLogger(config, writer, start, batches)
-  preemption = _Preemption()
+  preemption = _Preemption(config.get('preemption_check_every', 1))
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = next(batches)
@@ -192,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
       state, metrics = train_step(state, batch)
       logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
-      if preemption.should_stop():
+      if preemption.should_stop(step):
         logger.close()
         save(step, force=True)
         ckpt.close()
