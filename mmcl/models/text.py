@@ -8,7 +8,7 @@ from mmcl.models import moe as moe_lib
 from mmcl.models import transformer
 
 STYLES = ('clip', 'siglip')
-POOLS = ('eot', 'last', 'first', 'gap', 'map')
+POOLS = ('eot', 'argmax', 'last', 'first', 'gap', 'map')
 PAD_ID = 0
 
 
@@ -42,7 +42,8 @@ class TextTransformer(nn.Module):
 
   style='clip': causal mask, pool at the EOT (last non-pad) token.
   style='siglip': bidirectional, pool at the last position.
-  `pool` overrides the style's pooling when given.
+  `pool` overrides the style's pooling when given; 'argmax' pools at the
+  highest token id (CLIP's EOT, as open_clip does), 'eot' at the last non-pad.
   """
   variant: str | None = None
   num_classes: int | None = None  # Output (embedding) dim; None = no head.
@@ -58,12 +59,19 @@ class TextTransformer(nn.Module):
   remat: bool | str = False
   dtype: Any = 'float32'
   moe: Any = None  # Sparse MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
+  # Opt-in features of open_clip text towers (mmcl.convert):
+  head_bias: bool = True  # False: bias-free projection head (open_clip text_projection).
+  act: str = 'gelu_tanh'  # MLP activation, a transformer.ACTIVATIONS name.
+  ln_eps: float = transformer.LN_EPS  # Encoder LayerNorm epsilon.
 
   def __post_init__(self):
     super().__post_init__()
     hp = self.hparams()  # Fail at construction time, not inside jit.
+    transformer.check_act(self.act)
     if self.moe is not None:
       moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
+      if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
+        raise ValueError('Text act/ln_eps are for dense towers only (moe is set).')
     if self.style not in STYLES:
       raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
     if self.pool is not None and self.pool not in POOLS:
@@ -99,8 +107,8 @@ class TextTransformer(nn.Module):
     if self.moe is None:
       x_BxLxD = transformer.Encoder(
           depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-          dropout=self.dropout, remat=self.remat, dtype=dtype,
-          name='Transformer')(x_BxLxD, mask, deterministic=not train)
+          dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
+          ln_eps=self.ln_eps, name='Transformer')(x_BxLxD, mask, deterministic=not train)
     else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
       x_BxLxD, aux = moe_lib.MoeEncoder(
           depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
@@ -113,6 +121,8 @@ class TextTransformer(nn.Module):
     pool = self.pool or ('eot' if self.style == 'clip' else 'last')
     if pool == 'eot':
       x_BxD = x_BxLxD[jnp.arange(b), eot_index(text_BxL)]
+    elif pool == 'argmax':
+      x_BxD = x_BxLxD[jnp.arange(b), jnp.argmax(text_BxL, axis=1)]
     elif pool == 'last':
       x_BxD = x_BxLxD[:, -1]
     elif pool == 'first':
@@ -127,7 +137,7 @@ class TextTransformer(nn.Module):
     out['pre_logits'] = x_BxD
 
     if self.num_classes is not None:
-      x_BxD = nn.Dense(self.num_classes, dtype=dtype,
+      x_BxD = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=dtype,
                        param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
       out['logits'] = x_BxD
     return x_BxD, out

@@ -17,6 +17,22 @@ PARAM_DTYPE = jnp.float32
 _KERNEL_INIT = nn.initializers.xavier_uniform()
 _MLP_BIAS_INIT = nn.initializers.normal(stddev=1e-6)
 
+# MLP activations (`act=` of the towers). 'gelu_tanh' (big_vision's, the default) is flax's
+# nn.gelu; 'gelu' is the exact erf GELU (torch nn.GELU, open_clip's default); 'quick_gelu' is
+# OpenAI CLIP's x * sigmoid(1.702 x).
+ACTIVATIONS = {
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x),
+}
+LN_EPS = 1e-6  # flax's LayerNorm default; torch (open_clip) uses 1e-5.
+
+
+def check_act(act: str) -> str:
+  if act not in ACTIVATIONS:
+    raise ValueError(f'Unknown activation {act!r}; valid: {sorted(ACTIVATIONS)}')
+  return act
+
 
 def canonical_dtype(dtype: Dtype) -> jnp.dtype:
   """Accepts 'bfloat16' / jnp.bfloat16 / np.dtype and returns a jnp dtype."""
@@ -39,6 +55,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int | None = None  # Defaults to 4x the input width.
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'  # An ACTIVATIONS name.
 
   @nn.compact
   def __call__(self, x_BxLxD, deterministic: bool = True):
@@ -46,7 +63,7 @@ class MlpBlock(nn.Module):
     dense = lambda n: nn.Dense(  # pylint: disable=g-long-lambda
         n, dtype=self.dtype, param_dtype=PARAM_DTYPE,
         kernel_init=_KERNEL_INIT, bias_init=_MLP_BIAS_INIT)
-    x_BxLxF = nn.gelu(dense(self.mlp_dim or 4 * d)(x_BxLxD))
+    x_BxLxF = ACTIVATIONS[self.act](dense(self.mlp_dim or 4 * d)(x_BxLxD))
     x_BxLxF = nn.Dropout(rate=self.dropout)(x_BxLxF, deterministic)
     return dense(d)(x_BxLxF)
 
@@ -57,11 +74,13 @@ class EncoderBlock(nn.Module):
   num_heads: int = 12
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None, deterministic: bool = True):
     """`mask` is boolean, broadcastable to [B, heads, L, L]; True = attend."""
-    ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE)
+    ln = lambda: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     y = ln()(x_BxLxD)
     y = _attention(self.num_heads, self.dtype)(
         y, y, mask=mask, deterministic=deterministic)
@@ -70,7 +89,7 @@ class EncoderBlock(nn.Module):
 
     y = ln()(x_BxLxD)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
-                 dtype=self.dtype)(y, deterministic)
+                 dtype=self.dtype, act=self.act)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return x_BxLxD + y
 
@@ -104,6 +123,8 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   remat: bool | str = False  # Or a REMAT_POLICIES name.
   dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True):
@@ -112,9 +133,9 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x_BxLxD = block_cls(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-          dropout=self.dropout, dtype=self.dtype,
+          dropout=self.dropout, dtype=self.dtype, act=self.act, ln_eps=self.ln_eps,
           name=f'encoderblock_{i}')(x_BxLxD, mask, deterministic)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE,
+    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE,
                         name='encoder_norm')(x_BxLxD)
 
 

@@ -57,12 +57,20 @@ class ViT(nn.Module):
   remat: bool | str = False
   dtype: Any = 'float32'
   moe: Any = None  # Sparse V-MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
+  # Opt-in features of OpenAI CLIP / open_clip ViTs (mmcl.convert):
+  pre_norm: bool = False  # LayerNorm 'pre_norm' before the encoder (open_clip ln_pre).
+  head_bias: bool = True  # False: bias-free projection head (open_clip proj).
+  act: str = 'gelu_tanh'  # MLP activation, a transformer.ACTIVATIONS name.
+  ln_eps: float = transformer.LN_EPS  # Encoder and pre_norm LayerNorm epsilon.
 
   def __post_init__(self):
     super().__post_init__()
     hp = self.hparams()  # Fail at construction time, not inside jit.
+    transformer.check_act(self.act)
     if self.moe is not None:
       moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
+      if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
+        raise ValueError('ViT act/ln_eps are for dense towers only (moe is set).')
     if self.pool not in POOLS:
       raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
     if self.pool == 'tok' and self.class_token is False:
@@ -98,12 +106,15 @@ class ViT(nn.Module):
       cls_Bx1xD = jnp.tile(cls_1x1xD, (b, 1, 1)).astype(dtype)
       x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
 
+    if self.pre_norm:
+      x_BxNxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype,
+                             param_dtype=transformer.PARAM_DTYPE, name='pre_norm')(x_BxNxD)
     x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
     if self.moe is None:
       x_BxNxD = transformer.Encoder(
           depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-          dropout=self.dropout, remat=self.remat, dtype=dtype,
-          name='Transformer')(x_BxNxD, deterministic=not train)
+          dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
+          ln_eps=self.ln_eps, name='Transformer')(x_BxNxD, deterministic=not train)
     else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
       x_BxNxD, aux = moe_lib.MoeEncoder(
           depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
@@ -125,7 +136,7 @@ class ViT(nn.Module):
     out['pre_logits'] = x_BxD
 
     if self.num_classes is not None:
-      x_BxD = nn.Dense(self.num_classes, dtype=dtype,
+      x_BxD = nn.Dense(self.num_classes, use_bias=self.head_bias, dtype=dtype,
                        param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
       out['logits'] = x_BxD
     return x_BxD, out
