@@ -2,7 +2,8 @@ r"""Train-step throughput of a config: one JSON line of measured and analytic fi
 
   python tools/bench_step.py --config configs/bench_small.py --reference open_clip
   python tools/bench_step.py --config configs/demo.py --batch 256 --steps 5
-  python tools/bench_step.py --config configs/bench_small.py --devices 8 --collectives
+  python tools/bench_step.py --config configs/demo.py:tiny --devices 8 --collectives
+  python tools/bench_step.py --roofline v4:256,v5e:256 --batch 32768
 
 Compiles the real train step of the config (mmcl.train.loop.setup) on the available devices
 (or `--devices` forced host devices), feeds it one batch of random images and texts of the
@@ -18,6 +19,8 @@ right shapes, and prints:
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
 AdamW step on a batch of the same shape) in the same process, when torch and open_clip are
 installed (optional: see BENCHMARKS.md), and adds `reference_examples_per_sec` and `ratio`.
+`--roofline CHIP:N,...` instead prints, from shapes only, per-chip lower bounds (compute, HBM,
+collectives) of B/16, L/14 and LIMoE-B/16 train steps on TPU slices (see `roofline`).
 """
 import json
 import os
