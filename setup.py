@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu>=2.20,<2.22",
     "tensorflow-datasets>=4.9.8,<4.10",
     "sentencepiece>=0.2,<0.3",
+    "safetensors>=0.8,<0.9",  # mmcl.convert (open_clip weights in and out)
     "tensorboardX>=2.6,<3",
     "tqdm>=4.66,<5",
     "matplotlib>=3.11,<4",  # tools/plot_experts.py

@@ -1,0 +1,1 @@
+"""Weights in and out: open_clip / OpenAI CLIP (import, export) and big_vision SigLIP (import)."""

@@ -1,0 +1,139 @@
+"""Reading and writing flat weight files, and nested <-> flat parameter trees.
+
+Nothing here unpickles: `.safetensors` and `.npz` are plain arrays, and a PyTorch `.pt`/`.bin`
+goes through `torch.load(weights_only=True)` (torch's restricted unpickler).
+"""
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+# Non-tensor entries of OpenAI's original CLIP state dicts (ints that open_clip drops too).
+_OPENAI_META = ('input_resolution', 'context_length', 'vocab_size')
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A flat {name: float32 array} from `.safetensors`, `.npz`, or `.pt`/`.bin` (needs torch)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No weight file at {path!r}.')
+  if path.endswith('.safetensors'):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      sd = load_file(path)
+    except TypeError as e:  # numpy has no bfloat16: go through torch if it is there.
+      sd = _torch_safetensors(path, e)
+  elif path.endswith('.npz'):
+    with np.load(path, allow_pickle=False) as z:
+      sd = dict(z.items())
+  elif path.endswith(('.pt', '.pth', '.bin')):
+    sd = _torch_load(path)
+  else:
+    raise ValueError(f'Unknown weight file type {path!r}; expected .safetensors, .npz, '
+                     '.pt, .pth or .bin.')
+  return {k: np.asarray(v, np.float32) for k, v in sd.items() if k not in _OPENAI_META}
+
+
+def _torch_safetensors(path, err):
+  try:
+    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f'{path!r} holds dtypes numpy cannot read (bfloat16?); install torch '
+                     'or save it as float32.') from err
+  return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def _torch_load(path: str) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        f'Reading {path!r} needs PyTorch (pip install torch), which is not installed. '
+        'Without torch, convert the file to .safetensors where torch is installed: '
+        "safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors').") \
+        from None
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # TorchScript archives and pickled objects land here.
+    raise ValueError(
+        f'torch.load(weights_only=True) refused {path!r} ({type(e).__name__}: {e}). '
+        "OpenAI's original TorchScript .pt files are not state dicts: load them with "
+        'open_clip and save model.state_dict().') from e
+  if isinstance(obj, Mapping) and 'state_dict' in obj:  # open_clip training checkpoints.
+    obj = obj['state_dict']
+  if not isinstance(obj, Mapping):
+    raise ValueError(f'{path!r} holds a {type(obj).__name__}, not a state dict.')
+  prefix = 'module.'  # Saved from DistributedDataParallel.
+  if all(k.startswith(prefix) for k in obj):
+    obj = {k[len(prefix):]: v for k, v in obj.items()}
+  return {k: v.float().numpy() if hasattr(v, 'float') else np.asarray(v)
+          for k, v in obj.items()}
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, path,
+            metadata=metadata)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f'{prefix}{k}/'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict = {}
+  for name, v in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+class Tensors:
+  """A flat state dict that is consumed by name; what is never taken is an error."""
+
+  def __init__(self, sd: Mapping[str, np.ndarray], source: str = 'checkpoint'):
+    self._sd, self._taken, self.source = dict(sd), set(), source
+
+  def __contains__(self, name):
+    return name in self._sd
+
+  def names(self):
+    return list(self._sd)
+
+  def take(self, name: str, shape: tuple | None = None) -> np.ndarray:
+    if name not in self._sd:
+      raise KeyError(f'{self.source}: missing tensor {name!r}.')
+    x = self._sd[name]
+    if shape is not None and tuple(x.shape) != tuple(shape):
+      raise ValueError(f'{self.source}: {name!r} has shape {tuple(x.shape)}, expected '
+                       f'{tuple(shape)}.')
+    self._taken.add(name)
+    return x
+
+  def check_all_taken(self):
+    left = sorted(set(self._sd) - self._taken)
+    if left:
+      raise ValueError(f'{self.source}: {len(left)} tensor(s) not mapped to the mmcl model: '
+                       f'{", ".join(left[:30])}' + (' ...' if len(left) > 30 else ''))
+
+
+def check_params(params: Mapping, expected: Mapping, what: str = 'converted params'):
+  """Same names and shapes as `expected` (e.g. jax.eval_shape of model.init), or an error."""
+  got = {k: tuple(v.shape) for k, v in flatten(params).items()}
+  want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  bad = sorted(f'{k}: {got[k]} vs model {want[k]}' for k in set(got) & set(want)
+               if got[k] != want[k])
+  if missing or extra or bad:
+    raise ValueError(f'{what} do not match the mmcl model: missing {missing or "none"}; '
+                     f'unexpected {extra or "none"}; shape mismatches {bad or "none"}.')

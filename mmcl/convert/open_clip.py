@@ -1,0 +1,428 @@
+"""open_clip / OpenAI CLIP ViT two-tower weights <-> mmcl `TwoTowers` params.
+
+Import: a state dict (`.safetensors`, or `.pt`/`.bin` with torch) -> (mmcl model config, params,
+open_clip config). The open_clip config (`{"embed_dim", "vision_cfg", "text_cfg", ...}`, the JSON
+format of open_clip's `model_configs/`) may be given; what the tensor shapes tell (widths, depths,
+patch and image size, context length, vocab, embed dim, MLP width, ln_pre, projection bias, logit
+bias) is read from them and must agree with it. What shapes cannot tell comes from the config or
+open_clip's defaults: heads (width / head_width, default 64), quick_gelu (OpenAI's models),
+pool_type, no_causal_mask, act_kwargs and norm_kwargs (torch's LayerNorm eps 1e-5).
+
+Export: mmcl params -> an open_clip state dict + config, which `open_clip.create_model` (with the
+config registered or passed as a model_cfg) and `load_state_dict` accept. A model open_clip cannot
+express (no class token, MAP pooling, MoE, ...) is refused with the reason.
+
+One table of rules (`_rules`) drives both directions, so import and export cannot drift apart.
+"""
+import json
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from mmcl.convert import io
+from mmcl.models import text as text_lib
+from mmcl.models import vit
+
+HEAD_WIDTH = 64  # open_clip's vision head_width default.
+TORCH_LN_EPS = 1e-5
+
+# open_clip config fields mmcl cannot represent, with the values that are fine.
+_UNSUPPORTED = {
+    'vision_cfg': dict(ls_init_value=(None,), attentional_pool=(False,),
+                       final_ln_after_pool=(False,), pos_embed_type=('learnable',),
+                       timm_model_name=(None,)),
+    'text_cfg': dict(ls_init_value=(None,), embed_cls=(False,), final_ln_after_pool=(False,),
+                     proj_type=('linear',), hf_model_name=(None,)),
+}
+_ATTN_UNSUPPORTED = ('qk_norm', 'scaled_cosine_attn', 'scale_heads', 'scale_attn_inner',
+                     'scale_attn', 'scale_fc')
+_TEXT_POOLS = {'argmax': 'argmax', 'last': 'last', 'first': 'first', 'eos': 'eot'}
+
+
+class Rule(NamedTuple):
+  """Tensors `torch` (open_clip names) <-> params `mmcl` ('/'-joined), both ways."""
+  torch: tuple[str, ...]
+  mmcl: tuple[str, ...]
+  to_mmcl: Callable[..., tuple]
+  to_torch: Callable[..., tuple]
+
+
+def _same(t, m):
+  return Rule((t,), (m,), lambda x: (x,), lambda x: (x,))
+
+
+def _linear(t, m):  # torch Linear [out, in] <-> flax Dense [in, out].
+  return [Rule((f'{t}.weight',), (f'{m}/kernel',), lambda w: (w.T,), lambda k: (k.T,)),
+          _same(f'{t}.bias', f'{m}/bias')]
+
+
+def _ln(t, m):
+  return [_same(f'{t}.weight', f'{m}/scale'), _same(f'{t}.bias', f'{m}/bias')]
+
+
+def _attention(t, m, d, h):
+  """nn.MultiheadAttention (packed in_proj [3D, D]) <-> flax q/k/v [D, H, Dh], out [H, Dh, D]."""
+  dh, qkv = d // h, ('query', 'key', 'value')
+  return [
+      Rule((f'{t}.in_proj_weight',), tuple(f'{m}/{n}/kernel' for n in qkv),
+           lambda w: tuple(w[i * d:(i + 1) * d].T.reshape(d, h, dh) for i in range(3)),
+           lambda *ks: (np.concatenate([k.reshape(d, d).T for k in ks]),)),
+      Rule((f'{t}.in_proj_bias',), tuple(f'{m}/{n}/bias' for n in qkv),
+           lambda b: tuple(b[i * d:(i + 1) * d].reshape(h, dh) for i in range(3)),
+           lambda *bs: (np.concatenate([b.reshape(d) for b in bs]),)),
+      Rule((f'{t}.out_proj.weight',), (f'{m}/out/kernel',),
+           lambda w: (w.T.reshape(h, dh, d),), lambda k: (k.reshape(d, d).T,)),
+      _same(f'{t}.out_proj.bias', f'{m}/out/bias'),
+  ]
+
+
+def _encoder(t, m, depth, d, h):
+  rules = []
+  for i in range(depth):
+    tb, mb = f'{t}.resblocks.{i}', f'{m}/encoderblock_{i}'
+    rules += (_ln(f'{tb}.ln_1', f'{mb}/LayerNorm_0')
+              + _attention(f'{tb}.attn', f'{mb}/MultiHeadDotProductAttention_0', d, h)
+              + _ln(f'{tb}.ln_2', f'{mb}/LayerNorm_1')
+              + _linear(f'{tb}.mlp.c_fc', f'{mb}/MlpBlock_0/Dense_0')
+              + _linear(f'{tb}.mlp.c_proj', f'{mb}/MlpBlock_0/Dense_1'))
+  return rules
+
+
+def _rules(cfg: Mapping[str, Any], text_prefix: str = '') -> list[Rule]:
+  """Every tensor of an open_clip CLIP (text at top level, or under 'text.' for CustomTextCLIP)."""
+  vc, tc = cfg['vision_cfg'], cfg['text_cfg']
+  d = vc['width']
+
+  def patches_to_mmcl(ce_D, pos_NxD, w_DxCxPxP):
+    # open_clip adds position 0 to the class token; mmcl's class token has no position.
+    return ((ce_D + pos_NxD[0])[None, None], pos_NxD[None, 1:],
+            w_DxCxPxP.transpose(2, 3, 1, 0), np.zeros([d], np.float32))
+
+  def patches_to_torch(cls_1x1xD, pos_1xNxD, k_PxPxCxD, b_D):
+    # open_clip's conv1 has no bias: fold mmcl's into the patch positions (exact).
+    pos = np.concatenate([np.zeros([1, d], np.float32), pos_1xNxD[0] + b_D])
+    return cls_1x1xD.reshape(d), pos, k_PxPxCxD.transpose(3, 2, 0, 1)
+
+  rules = [Rule(('visual.class_embedding', 'visual.positional_embedding', 'visual.conv1.weight'),
+                ('img/cls', 'img/pos_embedding', 'img/embedding/kernel', 'img/embedding/bias'),
+                patches_to_mmcl, patches_to_torch)]
+  if not vc.get('no_ln_pre', False):
+    rules += _ln('visual.ln_pre', 'img/pre_norm')
+  rules += _encoder('visual.transformer', 'img/Transformer', vc['layers'], d,
+                    d // vc['head_width'])
+  rules += _ln('visual.ln_post', 'img/Transformer/encoder_norm')
+  rules.append(_same('visual.proj', 'img/head/kernel'))
+
+  p, dt = text_prefix, tc['width']
+  rules += [_same(f'{p}token_embedding.weight', 'txt/embedding/embedding'),
+            Rule((f'{p}positional_embedding',), ('txt/pos_embedding',),
+                 lambda x: (x[None],), lambda x: (x[0],))]
+  rules += _encoder(f'{p}transformer', 'txt/Transformer', tc['layers'], dt, tc['heads'])
+  rules += _ln(f'{p}ln_final', 'txt/Transformer/encoder_norm')
+  if tc.get('proj_bias', False):
+    rules += _linear(f'{p}text_projection', 'txt/head')
+  else:
+    rules.append(_same(f'{p}text_projection', 'txt/head/kernel'))
+  scalar = lambda x: (np.asarray(x, np.float32).reshape(()),)
+  rules.append(Rule(('logit_scale',), ('t',), scalar, scalar))
+  if cfg.get('init_logit_bias') is not None:
+    rules.append(Rule(('logit_bias',), ('b',), scalar, scalar))
+  return rules
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _count_blocks(names, prefix):
+  ids = {int(n[len(prefix):].split('.')[0]) for n in names if n.startswith(prefix)}
+  if ids != set(range(len(ids))):
+    raise ValueError(f'Blocks under {prefix!r} are not numbered 0..N-1: {sorted(ids)}')
+  return len(ids)
+
+
+def _agree(given: dict, inferred: dict, where: str) -> dict:
+  """`given` plus `inferred`; a given value that contradicts the shapes is an error."""
+  out = dict(given)
+  for k, v in inferred.items():
+    g = given.get(k)
+    if k == 'image_size' and isinstance(g, (list, tuple)):
+      g = g[0] if len(set(g)) == 1 else g
+    if g is not None and g != v:
+      raise ValueError(f'{where}.{k}={g!r} in the given config, but the tensors say {v!r}.')
+    out[k] = v
+  return out
+
+
+def infer_config(sd: Mapping[str, np.ndarray], cfg: Mapping | None = None,
+                 head_width: int = HEAD_WIDTH) -> dict:
+  """The full open_clip config of state dict `sd`: shapes, plus `cfg` for what they cannot tell."""
+  cfg = json.loads(json.dumps(cfg or {}))  # A deep, plain copy.
+  names = list(sd)
+  if 'visual.conv1.weight' not in sd:
+    vis = sorted({n.split('.')[1] for n in names if n.startswith('visual.')})
+    raise ValueError('Not an open_clip ViT image tower (no visual.conv1.weight); modified-'
+                     f'ResNet / timm towers are not supported. visual.* holds: {vis}')
+  tp = 'text.' if 'text.token_embedding.weight' in sd else ''
+  if tp + 'token_embedding.weight' not in sd:
+    raise ValueError('No open_clip text Transformer (token_embedding.weight); HF text '
+                     'towers are not supported.')
+  width, _, patch, _ = sd['visual.conv1.weight'].shape
+  n_pos = sd['visual.positional_embedding'].shape[0]
+  grid = math.isqrt(n_pos - 1)
+  if grid * grid != n_pos - 1:
+    raise ValueError(f'visual.positional_embedding has {n_pos} rows: not 1 + a square grid.')
+  vc = cfg.get('vision_cfg', {})
+  hw = vc.get('head_width', head_width)
+  if width % hw:
+    raise ValueError(f'Vision width {width} is not a multiple of head_width {hw}; give '
+                     'vision_cfg.head_width.')
+  mlp = sd['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0]
+  if 'mlp_ratio' in vc and int(width * vc['mlp_ratio']) != mlp:
+    raise ValueError(f'vision_cfg.mlp_ratio={vc["mlp_ratio"]} but the MLP width is {mlp}.')
+  cfg['vision_cfg'] = _agree(vc, dict(
+      width=int(width), patch_size=int(patch), image_size=int(grid * patch), head_width=hw,
+      layers=_count_blocks(names, 'visual.transformer.resblocks.'),
+      no_ln_pre='visual.ln_pre.weight' not in sd), 'vision_cfg')
+  cfg['vision_cfg'].setdefault('mlp_ratio', mlp / width)
+
+  tc = cfg.get('text_cfg', {})
+  vocab, twidth = sd[tp + 'token_embedding.weight'].shape
+  proj_bias = tp + 'text_projection.weight' in sd
+  proj = sd[tp + 'text_projection.weight'].T if proj_bias else sd[tp + 'text_projection']
+  heads = tc.get('heads', twidth // head_width)
+  tmlp = sd[f'{tp}transformer.resblocks.0.mlp.c_fc.weight'].shape[0]
+  if 'mlp_ratio' in tc and int(twidth * tc['mlp_ratio']) != tmlp:
+    raise ValueError(f'text_cfg.mlp_ratio={tc["mlp_ratio"]} but the MLP width is {tmlp}.')
+  cfg['text_cfg'] = _agree(tc, dict(
+      vocab_size=int(vocab), width=int(twidth), heads=int(heads), proj_bias=proj_bias,
+      context_length=int(sd[tp + 'positional_embedding'].shape[0]),
+      layers=_count_blocks(names, f'{tp}transformer.resblocks.')), 'text_cfg')
+  cfg['text_cfg'].setdefault('mlp_ratio', tmlp / twidth)
+  embed = int(proj.shape[1])
+  if sd['visual.proj'].shape[1] != embed:
+    raise ValueError(f'visual.proj gives embed dim {sd["visual.proj"].shape[1]}, the text '
+                     f'projection {embed}.')
+  cfg = _agree(cfg, {'embed_dim': embed}, 'config')
+  if 'logit_bias' in sd:
+    cfg['init_logit_bias'] = float(sd['logit_bias'])
+  elif cfg.get('init_logit_bias') is not None:
+    raise ValueError('The config sets init_logit_bias but there is no logit_bias tensor.')
+  if tp:
+    cfg['custom_text'] = True
+  return cfg
+
+
+def _act(cfg, tower):
+  kw = dict(cfg[tower].get('act_kwargs') or {})
+  if cfg.get('quick_gelu', False):
+    if kw:
+      raise ValueError(f'quick_gelu with {tower}.act_kwargs={kw} is not supported.')
+    return 'quick_gelu'
+  approx = kw.pop('approximate', 'none')
+  if kw or approx not in ('none', 'tanh'):
+    raise ValueError(f'Unsupported {tower}.act_kwargs {cfg[tower]["act_kwargs"]}.')
+  return 'gelu_tanh' if approx == 'tanh' else 'gelu'
+
+
+def _ln_eps(cfg, tower):
+  kw = dict(cfg[tower].get('norm_kwargs') or {})
+  eps = kw.pop('eps', TORCH_LN_EPS)
+  if kw:
+    raise ValueError(f'Unsupported {tower}.norm_kwargs {cfg[tower]["norm_kwargs"]}.')
+  return float(eps)
+
+
+def model_config(cfg: Mapping[str, Any]) -> dict:
+  """The mmcl two_towers model config of a full open_clip config (see `infer_config`)."""
+  for tower, bad in _UNSUPPORTED.items():
+    tcfg = cfg[tower]
+    found = {k: tcfg[k] for k, ok in bad.items() if k in tcfg and tcfg[k] not in ok}
+    found.update({k: tcfg[k] for k in _ATTN_UNSUPPORTED if tcfg.get(k)})
+    if tcfg.get('block_type') not in (None, 'default'):
+      found['block_type'] = tcfg['block_type']
+    if found:
+      raise ValueError(f'open_clip {tower} features mmcl does not implement: {found}')
+  vc, tc = cfg['vision_cfg'], cfg['text_cfg']
+  if vc.get('pool_type', 'tok') not in ('tok', 'avg'):
+    raise ValueError(f'vision_cfg.pool_type={vc["pool_type"]!r}; mmcl has tok and avg.')
+  pool = tc.get('pool_type', 'argmax')
+  if pool not in _TEXT_POOLS:
+    raise ValueError(f'text_cfg.pool_type={pool!r}; mmcl has {sorted(_TEXT_POOLS)}.')
+  # 'eos' becomes mmcl 'eot' (the last non-pad token): the same while the tokenizer ends every
+  # text with its EOS and pads with 0, as mmcl's tokenizers do.
+  image = dict(
+      width=vc['width'], depth=vc['layers'], num_heads=vc['width'] // vc['head_width'],
+      mlp_dim=int(vc['width'] * vc['mlp_ratio']), patch_size=vc['patch_size'],
+      pool='tok' if vc.get('pool_type', 'tok') == 'tok' else 'gap', class_token=True,
+      pre_norm=not vc.get('no_ln_pre', False), head_bias=False,
+      act=_act(cfg, 'vision_cfg'), ln_eps=_ln_eps(cfg, 'vision_cfg'))
+  text = dict(
+      width=tc['width'], depth=tc['layers'], num_heads=tc['heads'],
+      mlp_dim=int(tc['width'] * tc['mlp_ratio']), vocab_size=tc['vocab_size'],
+      max_len=tc['context_length'], style='siglip' if tc.get('no_causal_mask') else 'clip',
+      pool=_TEXT_POOLS[pool], head_bias=bool(tc.get('proj_bias', False)),
+      act=_act(cfg, 'text_cfg'), ln_eps=_ln_eps(cfg, 'text_cfg'))
+  out = dict(name='two_towers', image=image, text=text, embed_dim=cfg['embed_dim'])
+  if cfg.get('init_logit_bias') is not None:
+    out['bias_init'] = float(cfg['init_logit_bias'])
+  return out
+
+
+def image_size(cfg: Mapping[str, Any]) -> int:
+  s = cfg['vision_cfg']['image_size']
+  return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+
+# ---------------------------------------------------------------------------- import / export
+
+
+class Imported(NamedTuple):
+  model_config: dict  # mmcl: models.get_model(model_config)
+  params: dict  # The 'params' collection: {'img', 'txt', 't'[, 'b']}.
+  open_clip_config: dict  # Full open_clip config; image_size and context_length live here.
+
+
+def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | None = None,
+                     *, head_width: int = HEAD_WIDTH, quick_gelu: bool | None = None,
+                     check: bool = True) -> Imported:
+  """open_clip weights (a path or a flat state dict) -> mmcl model config and params.
+
+  `config` is an open_clip model config dict or JSON path (optional); `quick_gelu=True` for
+  OpenAI's original weights (open_clip's '-quickgelu' names). Every tensor is mapped: a
+  leftover or missing tensor is an error naming it. `check` also compares the params with
+  `jax.eval_shape` of the mmcl model's init.
+  """
+  source = weights if isinstance(weights, str) else 'state dict'
+  sd = io.load_state_dict(weights) if isinstance(weights, str) else {
+      k: np.asarray(v, np.float32) for k, v in weights.items()}
+  if isinstance(config, str):
+    with open(config) as f:
+      config = json.load(f)
+  config = dict(config or {})
+  if quick_gelu is not None:
+    config['quick_gelu'] = quick_gelu
+  cfg = infer_config(sd, config, head_width)
+  mcfg = model_config(cfg)
+  tensors = io.Tensors(sd, source)
+  flat = {}
+  for rule in _rules(cfg, 'text.' if cfg.get('custom_text') else ''):
+    outs = rule.to_mmcl(*(tensors.take(n) for n in rule.torch))
+    flat.update({m: np.asarray(x, np.float32) for m, x in zip(rule.mmcl, outs)})
+  tensors.check_all_taken()
+  mcfg['temperature_init'] = float(np.exp(flat['t']))
+  params = io.unflatten(flat)
+  if check:
+    io.check_params(params, abstract_params(mcfg, image_size(cfg),
+                                            cfg['text_cfg']['context_length']))
+  return Imported(mcfg, params, cfg)
+
+
+def abstract_params(model_cfg: Mapping, img_size: int, text_len: int):
+  """Shapes of the mmcl model's params (nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mmcl import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model(dict(model_cfg))
+  image = jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32)
+  text = jax.ShapeDtypeStruct((1, text_len), jnp.int32)
+  return jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t)['params'], image, text)
+
+
+def _plain(cfg):
+  """ConfigDict / FrozenDict / dict -> a plain dict copy."""
+  return json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg,
+                               default=lambda x: x.to_dict() if hasattr(x, 'to_dict') else dict(x)))
+
+
+def export_config(model_cfg: Mapping, params: Mapping, *, eos_id: int | None = None) -> dict:
+  """The open_clip config of an mmcl two_towers model (refuses what open_clip cannot express)."""
+  cfg = _plain(model_cfg)
+  if cfg.get('name') != 'two_towers':
+    raise ValueError(f'Only two_towers models export to open_clip, not {cfg.get("name")!r}.')
+  im, tx = dict(cfg.get('image') or {}), dict(cfg.get('text') or {})
+  for what, tower in (('image', im), ('text', tx)):
+    if tower.get('moe'):
+      raise ValueError(f'The {what} tower is a MoE tower: open_clip has no such model.')
+  ih = vit.resolve_hparams(im.get('variant'), im.get('width'), im.get('depth'),
+                           im.get('mlp_dim'), im.get('num_heads'), im.get('patch_size'))
+  th = text_lib.resolve_hparams(tx.get('variant'), tx.get('width'), tx.get('depth'),
+                                tx.get('mlp_dim'), tx.get('num_heads'))
+  ipool = im.get('pool', 'gap')
+  use_cls = ipool == 'tok' if im.get('class_token') is None else im['class_token']
+  if not use_cls or ipool not in ('tok', 'gap'):
+    raise ValueError(f'Image tower pool={ipool!r}, class_token={use_cls}: open_clip ViTs '
+                     "always have a class token and pool 'tok' or 'avg' (mmcl 'gap').")
+  style = tx.get('style', 'siglip')
+  tpool = tx.get('pool') or ('eot' if style == 'clip' else 'last')
+  oc_pool = {v: k for k, v in _TEXT_POOLS.items()}.get(tpool)
+  if oc_pool is None:
+    raise ValueError(f"Text pool {tpool!r}: open_clip pools 'argmax', 'last', 'first' or "
+                     "'eos' (mmcl 'eot').")
+  acts = {im.get('act', 'gelu_tanh'), tx.get('act', 'gelu_tanh')}
+  if 'quick_gelu' in acts and len(acts) > 1:
+    raise ValueError('open_clip sets quick_gelu for both towers at once; the towers differ.')
+  grid = math.isqrt(params['img']['pos_embedding'].shape[1])
+
+  def tower_extras(t):
+    out = {}
+    if t.get('act', 'gelu_tanh') == 'gelu_tanh':
+      out['act_kwargs'] = {'approximate': 'tanh'}
+    eps = t.get('ln_eps', 1e-6)
+    if eps != TORCH_LN_EPS:
+      out['norm_kwargs'] = {'eps': eps}
+    return out
+
+  vision = dict(image_size=grid * ih['patch_size'], layers=ih['depth'], width=ih['width'],
+                patch_size=ih['patch_size'], head_width=ih['width'] // ih['num_heads'],
+                mlp_ratio=ih['mlp_dim'] / ih['width'],
+                pool_type='tok' if ipool == 'tok' else 'avg',
+                no_ln_pre=not im.get('pre_norm', False), **tower_extras(im))
+  text = dict(context_length=params['txt']['pos_embedding'].shape[1],
+              vocab_size=tx.get('vocab_size', 32_000), width=th['width'], heads=th['num_heads'],
+              layers=th['depth'], mlp_ratio=th['mlp_dim'] / th['width'], pool_type=oc_pool,
+              no_causal_mask=style != 'clip', proj_bias=tx.get('head_bias', True),
+              **tower_extras(tx))
+  if tpool == 'eot':
+    if eos_id is None:
+      raise ValueError("Text pool 'eot' exports as open_clip pool_type 'eos': give eos_id "
+                       "(the tokenizer's EOS id).")
+    text['eos_id'] = int(eos_id)
+  out = dict(embed_dim=cfg.get('embed_dim', 512), vision_cfg=vision, text_cfg=text)
+  if 'quick_gelu' in acts:
+    out['quick_gelu'] = True
+  if 'b' in params:
+    out['init_logit_bias'] = float(np.asarray(params['b']))
+  return out
+
+
+def export_open_clip(model_cfg: Mapping, params: Mapping, path: str | None = None, *,
+                     eos_id: int | None = None):
+  """mmcl params -> (open_clip state dict, open_clip config); written to `path`.safetensors and
+  `path`.json when `path` (no extension) is given.
+
+  Exact: the conv bias (open_clip has none) is folded into the patch positions; the exported
+  logit_scale is `t` clamped at log(max_temperature) as the mmcl model uses it. A head bias
+  open_clip cannot hold (image tower head_bias=True with a non-zero bias) is refused.
+  """
+  params = params.get('params', params)
+  cfg = export_config(model_cfg, params, eos_id=eos_id)
+  flat = {k: np.asarray(v, np.float32) for k, v in io.flatten(params).items()}
+  ibias = flat.pop('img/head/bias', None)
+  if ibias is not None and np.any(ibias):
+    raise ValueError('The image head has a non-zero bias; open_clip visual.proj has none '
+                     '(train with image head_bias=False to export).')
+  max_t = _plain(model_cfg).get('max_temperature')
+  if max_t is not None:
+    flat['t'] = np.minimum(flat['t'], np.float32(math.log(max_t)))
+  mm = io.Tensors(flat, 'mmcl params')
+  sd = {}
+  for rule in _rules(cfg):
+    outs = rule.to_torch(*(mm.take(m) for m in rule.mmcl))
+    sd.update({t: np.asarray(x, np.float32) for t, x in zip(rule.torch, outs)})
+  mm.check_all_taken()
+  if path is not None:
+    io.save_safetensors(path + '.safetensors', sd)
+    with open(path + '.json', 'w') as f:
+      json.dump(cfg, f, indent=2)
+  return sd, cfg
