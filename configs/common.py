@@ -15,7 +15,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.text_len = 64
 
   c.input = ml_collections.ConfigDict()
-  c.input.name = 'mmcl_shapes'
+  c.input.name = 'mmcl_shapes'  # TFDS name, or 'wds:/shards/*.tar', 'csv:/data/train.tsv'.
+  c.input.mixture = ()  # Or weighted sources ((name, weight), ...), used instead of name.
   c.input.split = 'train'
   c.input.shuffle_buffer = 10_000
   c.input.cache = False

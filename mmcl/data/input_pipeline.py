@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mmcl.data import preprocess
+from mmcl.data import preprocess, sources
 
 # Datasets built locally on first use (no download): name -> module with prepare().
 _LOCAL_BUILDERS = ('mmcl_shapes',)
@@ -65,14 +65,16 @@ def add_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
   return tf.data.Dataset.zip(ds, seeds).map(lambda ex, s: {**ex, '_seed': s})
 
 
-def get_dataset(*, name: str, split: str, pp: str, batch_size: int, data_dir=None,
+def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
                 train: bool = True, shuffle_buffer: int = 10_000, seed: int = 0,
                 process_index: int = 0, process_count: int = 1,
                 cache: bool = False, shapes: dict | None = None,
                 with_index: bool = False) -> tf.data.Dataset:
   """Per-process batches of `batch_size // process_count` preprocessed examples.
 
-  For training the stream repeats forever, shuffled; for evaluation it is one ordered
+  `name` is a TFDS name, a file source ('wds:...', 'csv:...', see sources.py), or for
+  training a weighted mixture ((name, weight), ...). For training the stream repeats
+  forever, shuffled; for evaluation it is one ordered
   pass and the last batch is kept (smaller), so every example is seen exactly once.
   (`process_index` / `process_count` may also name one of several data shards a process
   reads, see `ShardedBatches`.)
@@ -85,15 +87,30 @@ def get_dataset(*, name: str, split: str, pp: str, batch_size: int, data_dir=Non
   if batch_size % process_count:
     raise ValueError(f'Batch size {batch_size} does not divide over {process_count} processes.')
   pp_fn = preprocess.get_preprocess_fn(pp)  # Validates the pp string before any I/O.
-  builder = get_builder(name, data_dir)
-  local_split = process_split(split, process_index, process_count, train)
-  read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True)
-  ds = builder.as_dataset(split=local_split, shuffle_files=train, decoders=_decoders(builder),
-                          read_config=read_config)
-  if cache:
-    ds = ds.cache()
-  if train:
-    ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
+  def source(source_name):
+    if sources.is_file_source(source_name):
+      ds = sources.file_dataset(source_name, process_index, process_count)
+    else:
+      builder = get_builder(source_name, data_dir)
+      ds = builder.as_dataset(
+          split=process_split(split, process_index, process_count, train),
+          shuffle_files=train, decoders=_decoders(builder),
+          read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
+    if cache:
+      ds = ds.cache()
+    return ds.repeat().shuffle(shuffle_buffer, seed=seed) if train else ds
+
+  if isinstance(name, str):
+    ds = source(name)
+  else:  # A weighted mixture: ((name, weight), ...), for training.
+    if not train:
+      raise ValueError(f'A mixture of sources {name} is for training; evaluate each alone.')
+    members = [source(n) for n, _ in name]
+    common = set.intersection(*(set(m.element_spec) for m in members))
+    members = [m.map(lambda ex: {k: v for k, v in ex.items() if k in common})
+               for m in members]
+    ds = tf.data.Dataset.sample_from_datasets(
+        members, weights=[float(w) for _, w in name], seed=seed)
   ds = add_seeds(ds, seed + 1_000_003 * process_index)
   ds = ds.enumerate().map(lambda i, ex: {**pp_fn(ex), '_index': i},
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -100,7 +100,8 @@ def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
 
   def make_dataset(shard):
     return input_pipeline.get_dataset(
-        name=config.input.name, split=config.input.split,
+        name=tuple(map(tuple, config.input.mixture)) or config.input.name,
+        split=config.input.split,
         pp=input_pipeline.format_pp(config.input.pp, config),
         batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
         shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
