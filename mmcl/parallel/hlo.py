@@ -166,4 +166,7 @@ def data_parallel_problems(colls: list[Collective], *, param_shapes, embedding_b
 
 
 def _where(colls: list[Collective]) -> str:
-  return '; '.join(f'{c.kind} {c.bytes:,} B from {c.op_name or c.name}' for c in colls)
+  def source(c):  # A combined op's op_name lists every source; the first says enough.
+    name = c.op_name or c.name
+    return name if len(name) <= 120 else f'{name[:120]}... ({len(c.shapes)} leaves)'
+  return '; '.join(f'{c.kind} {c.bytes:,} B from {source(c)}' for c in colls)
