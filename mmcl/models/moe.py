@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mmcl.models import transformer
+from mmcl.parallel import mesh as mesh_lib
 
 MODALITIES = ('image', 'text')
-BATCH_AXES = ('data', 'fsdp', 'expert')  # As mmcl.parallel.mesh.BATCH_AXES.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -267,7 +267,7 @@ def moe_sharded(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool
   if spec.num_experts % n:
     raise ValueError(f'num_experts={spec.num_experts} does not divide over the {n} devices '
                      f'of mesh axis {ax!r}; use a multiple of {n}.')
-  batch = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+  batch = tuple(a for a in mesh.axis_names if a in mesh_lib.BATCH_AXES)
   expert_specs = {'router': P(), 'wi': P(ax), 'bi': P(ax), 'wo': P(ax), 'bo': P(ax)}
   fn = lambda p, x, z: moe_apply(  # pylint: disable=g-long-lambda
       p, x, z, spec=spec, train=train, modality=modality, expert_axis=ax, reduce_axes=batch)
