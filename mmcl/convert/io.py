@@ -71,7 +71,8 @@ def _torch_load(path: str) -> dict:
 
 def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, path,
+  # Not np.ascontiguousarray: it turns 0-d arrays (logit_scale) into shape [1].
+  save_file({k: np.array(v, np.float32, order='C') for k, v in tensors.items()}, path,
             metadata=metadata)
 
 

@@ -205,7 +205,7 @@ def infer_config(sd: Mapping[str, np.ndarray], cfg: Mapping | None = None,
                      f'projection {embed}.')
   cfg = _agree(cfg, {'embed_dim': embed}, 'config')
   if 'logit_bias' in sd:
-    cfg['init_logit_bias'] = float(sd['logit_bias'])
+    cfg['init_logit_bias'] = float(np.asarray(sd['logit_bias']).reshape(()))
   elif cfg.get('init_logit_bias') is not None:
     raise ValueError('The config sets init_logit_bias but there is no logit_bias tensor.')
   if tp:
