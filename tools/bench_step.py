@@ -12,8 +12,10 @@ right shapes, and prints:
   flops_per_example   from the compiled executable's cost analysis (all devices)
   analytic_flops_per_example, flops_ratio   mmcl.models.flops' matmul count; XLA / analytic
   achieved_flops_per_sec   analytic FLOPs x examples/s
-  matmul_flops_per_sec     a `--matmul`-sized fp32 square matmul on device 0, timed here
-  mfu                 achieved / matmul (the device's measured, not its nominal, peak)
+  matmul_flops_per_sec     a `--matmul`-sized fp32 square matmul on device 0, timed right
+                      after each timed step (median)
+  mfu                 median over steps of achieved / the matmul timed after it: against the
+                      device's measured, not its nominal, peak, under the same load
   peak_bytes_per_device    arguments + outputs + temporaries - donated aliases
   compile_sec, collectives (bytes per step by kind; mmcl.parallel.hlo)
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
@@ -61,14 +63,21 @@ def median_seconds(fn, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def matmul_flops_per_sec(n: int, repeats: int = 5) -> float:
-  """FLOP/s of an n x n @ n x n float32 matmul on the default device."""
+def matmul_timer(n: int):
+  """A function that times one n x n @ n x n float32 matmul on the default device (FLOP/s);
+  compiled and warmed up here, so each call costs one matmul."""
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
-  sec = median_seconds(lambda: f(a, a).block_until_ready(), repeats, 2)
-  return 2 * n**3 / sec
+  for _ in range(2):
+    f(a, a).block_until_ready()
+
+  def rate():
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    return 2 * n**3 / (time.perf_counter() - start)
+  return rate
 
 
 def random_batch(config, batch: int, seed: int = 0) -> dict:
@@ -125,20 +134,30 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
     holder[0], metrics = compiled(holder[0], data)
     jax.block_until_ready((holder[0], metrics))
 
-  rate_before = matmul_flops_per_sec(matmul)
-  sec = median_seconds(one_step, steps, warmup)
-  # The best of two (before and after): on a shared machine, the closer to the peak.
-  rate = max(rate_before, matmul_flops_per_sec(matmul))
+  # Each timed step is followed by one timed matmul, so that MFU compares the two under the
+  # same load (the machine may be shared); the medians are reported.
+  matmul_rate = matmul_timer(matmul)
+  for _ in range(warmup):
+    one_step()
+  secs, rates = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    one_step()
+    secs.append(time.perf_counter() - start)
+    rates.append(matmul_rate())
+  sec, rate = statistics.median(secs), statistics.median(rates)
   # Forced host devices share the CPU's cores, which one device's matmul already uses.
-  peak = rate * (1 if jax.devices()[0].platform == 'cpu' else devices)
+  per_peak = 1 if jax.devices()[0].platform == 'cpu' else devices
   achieved = analytic['train'] * batch / sec
+  mfu = statistics.median(analytic['train'] * batch / t / (r * per_peak)
+                          for t, r in zip(secs, rates))
   return dict(
       examples_per_sec=round(batch / sec, 2), step_sec=round(sec, 4), batch=batch,
       devices=devices, device_kind=jax.devices()[0].device_kind,
       flops_per_example=xla_flops, analytic_flops_per_example=analytic['train'],
       flops_ratio=round(xla_flops / analytic['train'], 4),
       achieved_flops_per_sec=achieved, matmul_flops_per_sec=rate,
-      mfu=round(achieved / peak, 4),
+      mfu=round(mfu, 4),
       **memory(compiled), compile_sec=round(compile_sec, 2),
       collectives={k: v['bytes'] for k, v in hlo.summary(colls).items()},
       _colls=colls)
