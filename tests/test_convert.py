@@ -133,3 +133,82 @@ def test_pt_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now fails.
   with pytest.raises(ImportError, match=r'needs PyTorch.*\.safetensors'):
     oc.import_open_clip(str(pt))
+
+
+# ----------------------------------------------------------------------- big_vision SigLIP npz
+
+
+def _big_vision_npz(rng, *, scan=False, d=32, depth=2, heads=2, mlp=64, patch=8, grid=2,
+                    vocab=40, length=8, embed=16):
+  """Random tensors under big_vision's names (models/vit.py, proj/image_text/*.py)."""
+  def block(pre):
+    ln = lambda n: {f'{pre}/{n}/scale': [d], f'{pre}/{n}/bias': [d]}
+    mlp_ = {f'{pre}/MlpBlock_0/Dense_0/kernel': [d, mlp], f'{pre}/MlpBlock_0/Dense_0/bias': [mlp],
+            f'{pre}/MlpBlock_0/Dense_1/kernel': [mlp, d], f'{pre}/MlpBlock_0/Dense_1/bias': [d]}
+    att = f'{pre}/MultiHeadDotProductAttention_0'
+    att_ = {f'{att}/{n}/kernel': [d, heads, d // heads] for n in ('query', 'key', 'value')}
+    att_.update({f'{att}/{n}/bias': [heads, d // heads] for n in ('query', 'key', 'value')})
+    att_.update({f'{att}/out/kernel': [heads, d // heads, d], f'{att}/out/bias': [d]})
+    return {**ln('LayerNorm_0'), **ln('LayerNorm_1'), **mlp_, **att_}
+
+  def encoder(tower):
+    if scan:  # nn.scan stacks the blocks' params on a leading depth axis.
+      return {k: [depth] + s for k, s in block(f'{tower}/Transformer/encoderblock').items()}
+    out = {}
+    for i in range(depth):
+      out.update(block(f'{tower}/Transformer/encoderblock_{i}'))
+    return out
+
+  shapes = {
+      'img/embedding/kernel': [patch, patch, 3, d], 'img/embedding/bias': [d],
+      'img/pos_embedding': [1, grid * grid, d], **encoder('img'),
+      'img/Transformer/encoder_norm/scale': [d], 'img/Transformer/encoder_norm/bias': [d],
+      'img/MAPHead_0/probe': [1, 1, d], 'img/MAPHead_0/LayerNorm_0/scale': [d],
+      'img/MAPHead_0/LayerNorm_0/bias': [d],
+      **{k.replace('X/', 'img/MAPHead_0/'): s for k, s in block('X').items()
+         if 'MlpBlock' in k or 'Multi' in k},
+      'img/head/kernel': [d, embed], 'img/head/bias': [embed],
+      'txt/Embed_0/embedding': [vocab, d], 'txt/pos_embedding': [1, length, d], **encoder('txt'),
+      'txt/Transformer/encoder_norm/scale': [d], 'txt/Transformer/encoder_norm/bias': [d],
+      'txt/head/kernel': [d, embed], 'txt/head/bias': [embed], 't': [1], 'b': [1]}
+  return {f'params/{k}': (0.2 * rng.standard_normal(s)).astype(np.float32)
+          for k, s in shapes.items()}
+
+
+def test_big_vision_siglip_npz(tmp_path):
+  from mmcl.convert import big_vision  # pylint: disable=g-import-not-at-top
+  sd = _big_vision_npz(np.random.default_rng(0))
+  np.savez(tmp_path / 'siglip.npz', **sd)
+  imp = big_vision.import_big_vision(str(tmp_path / 'siglip.npz'))
+  mc = imp.model_config
+  assert (imp.image_size, imp.context_length, mc['embed_dim']) == (16, 8, 16)
+  assert mc['image'] == dict(depth=2, width=32, num_heads=2, mlp_dim=64, patch_size=8, pool='map')
+  assert (mc['text']['style'], mc['text']['pool'], mc['text']['vocab_size']) == (
+      'siglip', 'last', 40)
+  # Complete: every npz tensor is in the params (same values), and nothing else.
+  flat = io.flatten(imp.params)
+  assert len(flat) == len(sd)
+  np.testing.assert_array_equal(flat['txt/embedding/embedding'], sd['params/txt/Embed_0/embedding'])
+  np.testing.assert_array_equal(
+      flat['img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel'],
+      sd['params/img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel'])
+  image = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  text = jnp.array([[3, 4, 1, 1, 1, 1, 1, 1], [5, 6, 7, 8, 9, 10, 11, 1]], jnp.int32)
+  zimg, ztxt, out = _apply(mc, imp.params, image, text)
+  assert zimg.shape == ztxt.shape == (2, 16) and np.all(np.isfinite(zimg))
+  assert float(out['b']) == float(sd['params/b'][0])
+  np.testing.assert_allclose(out['t'], np.exp(sd['params/t'][0]), rtol=1e-6)
+  # A scanned checkpoint (stacked blocks) gives the same params.
+  scanned = _big_vision_npz(np.random.default_rng(0), scan=True)
+  assert sorted(io.flatten(big_vision.import_big_vision(scanned).params)) == sorted(flat)
+
+
+def test_big_vision_leftover_tensor_is_named():
+  from mmcl.convert import big_vision  # pylint: disable=g-import-not-at-top
+  sd = _big_vision_npz(np.random.default_rng(0))
+  sd['params/img/pre_logits/kernel'] = np.zeros([32, 32], np.float32)
+  with pytest.raises(ValueError, match=r"unexpected \['img/pre_logits/kernel'\]"):
+    big_vision.import_big_vision(sd)
+  del sd['params/img/pre_logits/kernel'], sd['params/txt/head/bias']
+  with pytest.raises(ValueError, match=r"missing \['txt/head/bias'\]"):
+    big_vision.import_big_vision(sd)
