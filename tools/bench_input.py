@@ -1,12 +1,12 @@
 r"""Input-pipeline throughput of a config, next to its train step's consumption: one JSON line.
 
   python tools/bench_input.py --config configs/demo.py
-  python tools/bench_input.py --config configs/bench_small.py --batches 50 --no-step
+  python tools/bench_input.py --config configs/bench_small.py --batches 50 --nostep
 
 Times this host's tf.data pipeline alone (mmcl.data.input_pipeline.get_dataset with the
 config's dataset and pp string: read, decode, augment, tokenize, batch), as numpy batches
 with nothing consuming them: `input_examples_per_sec`, the median over `--batches` batches
-after `--warmup` (the shuffle buffer fills during the warm-up). Then, unless `--no-step`,
+after `--warmup` (the shuffle buffer fills during the warm-up). Then, unless `--nostep`,
 the train step's consumption on this host's devices (tools/bench_step.py's measurement):
 `step_examples_per_sec`, and `headroom` = input / step (>= 1: the input keeps up).
 """
