@@ -70,7 +70,7 @@ def main(argv):
   row = {'config': f['config'].config_filename, 'dataset': config.input.name,
          **input_examples_per_sec(config, f.batches, f.warmup)}
   if f.step:
-    import bench_step  # pylint: disable=import-outside-toplevel
+    import bench_step  # This directory's; its flags are defined only when run as a script.
     step = bench_step.bench_step(config, f.steps, warmup=1)
     # Per host: this process's share of the global batch, as fast as the step takes it.
     import jax

@@ -166,8 +166,8 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
 def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict | None:
   """Seconds per AdamW train step of open_clip's bench_small CLIP, or None without torch."""
   try:
-    import open_clip  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
+    import open_clip  # Optional: see BENCHMARKS.md.
+    import torch
   except ImportError:
     return None
   torch.manual_seed(seed)

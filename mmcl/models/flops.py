@@ -11,6 +11,10 @@ forward count of the built model; tests compare the two.
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from mmcl import models
 from mmcl.models import moe as moe_lib
 from mmcl.models import text as text_lib
 from mmcl.models import vit
@@ -132,9 +136,6 @@ def train_step_flops(model: Any, image_size: int, text_len: int, global_batch: i
 
 def param_count(model: Any, image_size: int, text_len: int) -> int:
   """Parameters of a model config, from shapes only (jax.eval_shape; nothing allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mmcl import models  # pylint: disable=g-import-not-at-top
   net = models.get_model(model)
   image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   text = jax.ShapeDtypeStruct((1, text_len), jnp.int32)

@@ -18,6 +18,8 @@ import dataclasses
 import math
 import re
 
+import jax
+
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 'f16': 16,
          'bf16': 16, 's32': 32, 'u32': 32, 'f32': 32, 's64': 64, 'u64': 64, 'f64': 64,
@@ -133,7 +135,6 @@ def data_parallel_problems(colls: list[Collective], *, param_shapes, embedding_b
   two, and as many reduce-scatters of the same size (their gradients). `param_shapes`: a
   tree of arrays / ShapeDtypeStructs. Returns [] when the step is minimal.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree.leaves(param_shapes)
   param_bytes = sum(x.size * x.dtype.itemsize for x in leaves if x.ndim)
   problems = []
