@@ -212,3 +212,33 @@ def test_big_vision_leftover_tensor_is_named():
   del sd['params/img/pre_logits/kernel'], sd['params/txt/head/bias']
   with pytest.raises(ValueError, match=r"missing \['txt/head/bias'\]"):
     big_vision.import_big_vision(sd)
+
+
+# ----------------------------------------------------------------------- CLIP BPE tokenizer
+
+
+def _clip_bpe():
+  from mmcl.data import tokenizers  # pylint: disable=g-import-not-at-top
+  return tokenizers.get_tokenizer('clip_bpe:' + os.path.join(DATA, 'clip_bpe_tiny.txt.gz'))
+
+
+def test_clip_bpe_matches_open_clip_ids():
+  ref = np.load(os.path.join(DATA, 'clip_bpe_tiny_ids.npz'))
+  tok = _clip_bpe()
+  texts = [str(t) for t in ref['texts']]
+  np.testing.assert_array_equal(tok.tokenize(texts, ref['ids'].shape[1]), ref['ids'])
+  assert tok.eos_id == tok.vocab_size - 1 == ref['ids'].max()  # Argmax pooling finds EOT.
+  assert tok.detokenize(tok.tokenize('A photo of the CAT', 12)[0]) == 'a photo of the cat'
+
+
+def test_clip_bpe_tf_matches_numpy_and_stdlib_regex(monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mmcl.data import tokenizers  # pylint: disable=g-import-not-at-top
+  tok, text = _clip_bpe(), "it's the photographing dog's 3 cats!"
+  np.testing.assert_array_equal(tok.tokenize_tf(tf.constant(text), 10).numpy(),
+                                tok.tokenize(text, 10)[0])
+  monkeypatch.setitem(sys.modules, 'regex', None)  # The stdlib fallback, on ASCII text.
+  plain = tokenizers.ClipBpeTokenizer(os.path.join(DATA, 'clip_bpe_tiny.txt.gz'))
+  np.testing.assert_array_equal(plain.tokenize(text, 20), tok.tokenize(text, 20))
+  with pytest.raises(FileNotFoundError, match='bpe_simple_vocab'):
+    tokenizers.ClipBpeTokenizer('/nonexistent/vocab.txt.gz')

@@ -183,13 +183,139 @@ class SentencePieceTokenizer(Tokenizer):
     return f"SentencePieceTokenizer({self.model_path!r})"
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+  """CLIP's reversible byte -> printable character table (GPT-2's)."""
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1)]
+  cs, n = list(bs), 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+def _clip_word_regex(specials: Sequence[str]):
+  """CLIP's pre-tokenizer: specials, English contractions, letter runs, single digits, other runs.
+
+  Uses the `regex` package (\\p{L}, \\p{N}) as CLIP does when it is installed; otherwise an
+  stdlib approximation that differs only on rare numerals (e.g. superscripts count as letters).
+  """
+  head = "|".join(specials) + r"|'s|'t|'re|'ve|'m|'ll|'d|"
+  try:
+    import regex  # pylint: disable=g-import-not-at-top
+    return regex.compile(head + r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+  except ImportError:
+    import re  # pylint: disable=g-import-not-at-top
+    return re.compile(head + r"[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+class ClipBpeTokenizer(Tokenizer):
+  """OpenAI CLIP's byte-level BPE, from a merges file the user gives (no download).
+
+  The file is open_clip's `bpe_simple_vocab_16e6.txt.gz` format (gzip or plain text): a header
+  line, then one merge per line; like CLIP, at most the first 48,894 are used. Ids: 256 byte
+  symbols, the same with '</w>', one per merge, then <start_of_text> and <end_of_text> (the
+  largest id, so pooling at the argmax token is pooling at EOT). Text is cleaned as CLIP's
+  default: ftfy.fix_text when ftfy is installed, HTML unescaped twice, whitespace collapsed,
+  lowercased. Rows are [SOT, tokens..., EOT] truncated keeping EOT last and padded with 0,
+  exactly open_clip's `tokenize` (tests/test_convert.py checks this against open_clip's ids).
+  """
+
+  def __init__(self, vocab_path: str):
+    if not os.path.isfile(vocab_path):
+      raise FileNotFoundError(
+          f"CLIP BPE vocab file not found: {vocab_path!r} (local paths only; open_clip ships "
+          "it as open_clip/bpe_simple_vocab_16e6.txt.gz).")
+    import gzip  # pylint: disable=g-import-not-at-top
+    opener = gzip.open if vocab_path.endswith(".gz") else open
+    with opener(vocab_path, "rb") as f:
+      lines = f.read().decode("utf-8").split("\n")
+    # CLIP's slice, empty lines included, so ids match open_clip's for any file.
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    self.vocab_path = vocab_path
+    self._byte_encoder = _bytes_to_unicode()
+    self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+    symbols = list(self._byte_encoder.values())
+    specials = ["<start_of_text>", "<end_of_text>"]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + specials
+    self._encoder = {piece: i for i, piece in enumerate(vocab)}
+    self._decoder = {i: piece for piece, i in self._encoder.items()}
+    self._ranks = {m: i for i, m in enumerate(merges)}
+    self._cache = {s: s for s in specials}
+    self._pattern = _clip_word_regex(specials)
+    self.sot_id, self.eos_id = (self._encoder[s] for s in specials)
+    self.vocab_size = self.eos_id + 1  # Rows of the embedding table (ids may repeat pieces).
+
+  @staticmethod
+  def clean(text: str) -> str:
+    try:
+      import ftfy  # pylint: disable=g-import-not-at-top
+      text = ftfy.fix_text(text)
+    except ImportError:
+      pass
+    import html  # pylint: disable=g-import-not-at-top
+    return " ".join(html.unescape(html.unescape(text)).split()).lower()
+
+  def _bpe(self, token: str) -> str:
+    """Space-separated BPE pieces of one pre-token (its last symbol carries '</w>')."""
+    if token in self._cache:
+      return self._cache[token]
+    word = (*token[:-1], token[-1] + "</w>")
+    while len(word) > 1:
+      pairs = set(zip(word[:-1], word[1:]))
+      best = min(pairs, key=lambda p: self._ranks.get(p, float("inf")))
+      if best not in self._ranks:
+        break
+      merged, i = [], 0
+      while i < len(word):  # Merge every (non-overlapping) occurrence, left to right.
+        if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+          merged.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          merged.append(word[i])
+          i += 1
+      word = tuple(merged)
+    self._cache[token] = " ".join(word)
+    return self._cache[token]
+
+  def _encode(self, text: str) -> list[int]:
+    ids = [self.sot_id]
+    for token in self._pattern.findall(self.clean(text)):
+      token = "".join(self._byte_encoder[b] for b in token.encode("utf-8"))
+      ids.extend(self._encoder[piece] for piece in self._bpe(token).split(" "))
+    return ids
+
+  def _decode(self, ids: list[int]) -> str:
+    text = "".join(self._decoder[i] for i in ids if i != self.sot_id and i in self._decoder)
+    data = bytearray(self._byte_decoder[c] for c in text if c in self._byte_decoder)
+    return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+  def tokenize_tf(self, text: tf.Tensor, max_len: int) -> tf.Tensor:
+    max_len = _check_max_len(max_len)
+
+    def _np_tokenize(s):
+      return _finalize(self._encode(_as_str(s)), max_len, self.eos_id)
+
+    ids = tf.numpy_function(_np_tokenize, [_check_scalar(text)], tf.int32,
+                            stateful=False, name="clip_bpe_tokenize")
+    return tf.ensure_shape(ids, [max_len])
+
+  def __repr__(self):
+    return f"ClipBpeTokenizer({self.vocab_path!r})"
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(spec: str) -> Tokenizer:
-  """Returns a (cached) tokenizer: 'bytes' or 'sp:/path/to/model.model'."""
+  """Returns a (cached) tokenizer: 'bytes', 'sp:/path/to/model.model' (SentencePiece, e.g.
+  SigLIP's) or 'clip_bpe:/path/to/bpe_simple_vocab_16e6.txt.gz' (CLIP's BPE)."""
   if spec == "bytes":
     return ByteTokenizer()
   if isinstance(spec, str) and spec.startswith("sp:") and len(spec) > 3:
     return SentencePieceTokenizer(spec[len("sp:"):])
+  if isinstance(spec, str) and spec.startswith("clip_bpe:") and len(spec) > 9:
+    return ClipBpeTokenizer(spec[len("clip_bpe:"):])
   raise ValueError(
-      f"Unknown tokenizer spec {spec!r}; valid forms: 'bytes' or "
-      "'sp:/path/to/model.model'.")
+      f"Unknown tokenizer spec {spec!r}; valid forms: 'bytes', "
+      "'sp:/path/to/model.model' or 'clip_bpe:/path/to/bpe_simple_vocab_16e6.txt.gz'.")
