@@ -347,7 +347,7 @@ class MoeEncoder(nn.Module):
   mlp_dim: int | None = None
   num_heads: int = 12
   dropout: float = 0.0
-  remat: bool = False
+  remat: Any = False  # False/True or a transformer.REMAT_POLICIES name.
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -357,10 +357,9 @@ class MoeEncoder(nn.Module):
       raise ValueError(f'Unknown modality {modality!r}; valid: {MODALITIES}')
     spec = MoeSpec.make(self.moe)
     moe_ids = spec.layer_ids(self.depth)
-    dense_cls, moe_cls = transformer.EncoderBlock, MoeEncoderBlock
-    if self.remat:
-      dense_cls = nn.remat(dense_cls, static_argnums=(3,))
-      moe_cls = nn.remat(moe_cls, static_argnums=(3, 4))
+    # Same remat policies as the dense encoder (deterministic, modality: static args).
+    dense_cls = transformer.remat_block(transformer.EncoderBlock, self.remat, (3,))
+    moe_cls = transformer.remat_block(MoeEncoderBlock, self.remat, (3, 4))
     loss, metrics = 0.0, {}
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
               dtype=self.dtype)
