@@ -32,5 +32,7 @@ setuptools.setup(
     package_data={"mmcl": ["**/*.txt", "**/*.json"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                             # Executing notebooks/ in the tests.
+                             "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"]},
 )
