@@ -242,3 +242,32 @@ def test_clip_bpe_tf_matches_numpy_and_stdlib_regex(monkeypatch):
   np.testing.assert_array_equal(plain.tokenize(text, 20), tok.tokenize(text, 20))
   with pytest.raises(FileNotFoundError, match='bpe_simple_vocab'):
     tokenizers.ClipBpeTokenizer('/nonexistent/vocab.txt.gz')
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def test_cli_import_export_and_orbax_params(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tool = os.path.join(os.path.dirname(__file__), '..', 'tools', 'convert.py')
+  path, _, _ = _fixture('vit_quickgelu')
+  run = lambda *a: subprocess.run([sys.executable, tool, *a], check=True, capture_output=True)
+  run('import', '--weights', path, '--quick_gelu', '--out', str(tmp_path / 'm'))
+  # An orbax checkpoint step, as training writes it, exports like the .npz.
+  ckpt = tmp_path / 'ckpt' / '7'
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(ckpt / 'default', {'params': io.load_params(str(tmp_path / 'm.npz'))})
+  checkpointer.wait_until_finished()
+  for i, params in enumerate((str(tmp_path / 'm.npz'), str(ckpt))):
+    run('export', '--params', params, '--model_json', str(tmp_path / 'm.json'),
+        '--out', str(tmp_path / f'oc{i}'))
+    got = io.load_state_dict(str(tmp_path / f'oc{i}.safetensors'))
+    want = io.load_state_dict(path)
+    assert sorted(got) == sorted(want)
+    # open_clip's class position is folded into mmcl's class token: same sum, same function.
+    ce, pos = 'visual.class_embedding', 'visual.positional_embedding'
+    np.testing.assert_array_equal(got[ce] + got[pos][0], want[ce] + want[pos][0])
+    np.testing.assert_array_equal(got[pos][1:], want[pos][1:])
+    for k in set(want) - {ce, pos}:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)

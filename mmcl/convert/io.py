@@ -138,3 +138,20 @@ def check_params(params: Mapping, expected: Mapping, what: str = 'converted para
   if missing or extra or bad:
     raise ValueError(f'{what} do not match the mmcl model: missing {missing or "none"}; '
                      f'unexpected {extra or "none"}; shape mismatches {bad or "none"}.')
+
+
+def save_params(path: str, params: Mapping):
+  """Writes a param tree as a flat '/'-joined `.npz` (the format `load_params` reads)."""
+  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+
+
+def load_params(path: str) -> dict:
+  """A param tree from `save_params`'s `.npz`, or from an mmcl orbax checkpoint step directory
+  (`<workdir>/ckpt/<step>`: its 'params')."""
+  if os.path.isdir(path):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    sub = os.path.join(path, 'default')
+    state = ocp.StandardCheckpointer().restore(sub if os.path.isdir(sub) else path)
+    return {k: v for k, v in state['params'].items()}
+  with np.load(path, allow_pickle=False) as z:
+    return unflatten(dict(z.items()))
