@@ -271,3 +271,17 @@ def test_cli_import_export_and_orbax_params(tmp_path):
     np.testing.assert_array_equal(got[pos][1:], want[pos][1:])
     for k in set(want) - {ce, pos}:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_fold_normalization_takes_unit_range_pixels():
+  path, cfg, ref = _fixture('vit_quickgelu')
+  imp = oc.import_open_clip(path, cfg)
+  pixels = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  mean, std = np.array(oc.OPENAI_MEAN, np.float32), np.array(oc.OPENAI_STD, np.float32)
+  want = _apply(imp.model_config, imp.params, (pixels - mean) / std, ref['text'][:2])
+  folded = oc.fold_normalization(imp.params)
+  got = _apply(imp.model_config, folded, pixels, ref['text'][:2])
+  np.testing.assert_allclose(got[2]['img/logits'], want[2]['img/logits'], atol=1e-5)
+  back = oc.fold_normalization(folded, unfold=True)['img']['embedding']
+  np.testing.assert_allclose(back['kernel'], imp.params['img']['embedding']['kernel'], atol=1e-7)
+  np.testing.assert_allclose(back['bias'], imp.params['img']['embedding']['bias'], atol=1e-6)

@@ -4,6 +4,7 @@ r"""Pretrained weights in and out of mmcl (see docs/pretrained.md).
   # image_size, text_len); --open_clip_config is optional (shapes give the rest).
   python tools/convert.py import --source open_clip --weights ViT-B-32.safetensors \
       --open_clip_config ViT-B-32-quickgelu.json --out /tmp/vitb32
+  # ... --fold_normalize: the model then takes value_range(0, 1) pixels (CLIP mean/std folded in)
   python tools/convert.py import --source open_clip --weights openai_b32.bin --quick_gelu --out ...
   # big_vision SigLIP .npz -> mmcl
   python tools/convert.py import --source big_vision --weights webli_en_b16_224.npz --out /tmp/siglip
@@ -28,6 +29,8 @@ flags.DEFINE_string('open_clip_config', None, 'import: open_clip model config JS
 flags.DEFINE_bool('quick_gelu', None, "import: OpenAI's original weights use QuickGELU.")
 flags.DEFINE_integer('head_width', 64, 'import: open_clip attention head width if not given.')
 flags.DEFINE_string('text_pool', 'last', "import big_vision: text pooling ('last', 'first', ...).")
+flags.DEFINE_bool('fold_normalize', False, "import open_clip: fold OpenAI CLIP's pixel mean/std "
+                  'into the patch embedding, so the model takes value_range(0, 1) images.')
 flags.DEFINE_string('params', None, 'export: params .npz (from import) or <workdir>/ckpt/<step>.')
 flags.DEFINE_string('model_json', None, 'export: the .json written by import.')
 config_flags.DEFINE_config_file('config', None, 'export: an mmcl config (its .model is used).',
@@ -51,20 +54,29 @@ def main(argv):
     else:
       imp = big_vision.import_big_vision(f.weights, text_pool=f.text_pool)
       size, length = imp.image_size, imp.context_length
-    io.save_params(f.out + '.npz', imp.params)
+    meta = dict(model=imp.model_config, image_size=size, text_len=length)
+    params = imp.params
+    if f.fold_normalize:  # Recorded, so that export unfolds it again.
+      params = open_clip.fold_normalization(params)
+      meta['folded_normalization'] = dict(mean=open_clip.OPENAI_MEAN, std=open_clip.OPENAI_STD)
+    io.save_params(f.out + '.npz', params)
     with open(f.out + '.json', 'w') as fp:
-      json.dump(dict(model=imp.model_config, image_size=size, text_len=length), fp, indent=2)
+      json.dump(meta, fp, indent=2)
     n = sum(v.size for v in io.flatten(imp.params).values())
     print(f'{f.weights} -> {f.out}.npz ({n:,} parameters), {f.out}.json')
   elif command == 'export':
     if not f.params or bool(f.model_json) == bool(f.config):
       raise app.UsageError('export needs --params and one of --model_json / --config.')
+    params, fold = io.load_params(f.params), None
     if f.model_json:
       with open(f.model_json) as fp:
-        model_cfg = json.load(fp)['model']
+        meta = json.load(fp)
+      model_cfg, fold = meta['model'], meta.get('folded_normalization')
     else:
       model_cfg = f.config.model.to_dict()
-    open_clip.export_open_clip(model_cfg, io.load_params(f.params), f.out, eos_id=f.eos_id)
+    if fold:
+      params = open_clip.fold_normalization(params, fold['mean'], fold['std'], unfold=True)
+    open_clip.export_open_clip(model_cfg, params, f.out, eos_id=f.eos_id)
     print(f'{f.params} -> {f.out}.safetensors, {f.out}.json (open_clip)')
   else:
     raise app.UsageError('usage: convert.py import|export --out PATH ...')

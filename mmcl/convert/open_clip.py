@@ -426,3 +426,32 @@ def export_open_clip(model_cfg: Mapping, params: Mapping, path: str | None = Non
     with open(path + '.json', 'w') as f:
       json.dump(cfg, f, indent=2)
   return sd, cfg
+
+
+# open_clip's image normalisation for OpenAI-CLIP-trained weights (open_clip/constants.py);
+# SigLIP-style models use mean = std = 0.5 (i.e. value_range(-1, 1)).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def fold_normalization(params: Mapping, mean=OPENAI_MEAN, std=OPENAI_STD, *,
+                       unfold: bool = False) -> dict:
+  """Params whose image tower takes [0, 1] pixels instead of (x - mean) / std per channel.
+
+  The patch embedding is linear with VALID padding, so the normalisation folds into its kernel
+  and bias exactly (up to float rounding): k' = k / std[c], b' = b - sum k * mean[c] / std[c].
+  Then mmcl's `value_range(0, 1)` pp op is the whole image preprocessing. `unfold=True` undoes
+  it (do that before exporting to open_clip, whose preprocessing normalises).
+  """
+  out = io.unflatten(io.flatten(params))  # New dicts; the other arrays are shared.
+  emb = out['img']['embedding']
+  k_PxPxCxD, b_D = np.asarray(emb['kernel'], np.float32), np.asarray(emb['bias'], np.float32)
+  mean_C, std_C = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  if unfold:
+    k_PxPxCxD = k_PxPxCxD * std_C[:, None]
+    b_D = b_D + np.einsum('pqcd,c->d', k_PxPxCxD, mean_C / std_C)
+  else:
+    b_D = b_D - np.einsum('pqcd,c->d', k_PxPxCxD, mean_C / std_C)
+    k_PxPxCxD = k_PxPxCxD / std_C[:, None]
+  out['img']['embedding'] = {'kernel': k_PxPxCxD, 'bias': b_D}
+  return out
