@@ -53,7 +53,8 @@ def test_config_from_shapes_alone():
   path, cfg, _ = _fixture('vit_quickgelu')
   # quick_gelu is the one thing the tensors cannot tell here (head_width 64 is the default).
   assert oc.import_open_clip(path, quick_gelu=True).model_config == (
-      oc.import_open_clip(path, cfg).model_config)
+      oc.import_open_clip(path, cfg).model_config) == (  # The hub's open_clip_config.json form.
+          oc.import_open_clip(path, {'model_cfg': cfg, 'preprocess_cfg': {}}).model_config)
   mc = oc.import_open_clip(path, quick_gelu=True).model_config
   assert (mc['image']['width'], mc['image']['depth'], mc['image']['patch_size']) == (64, 2, 8)
   assert (mc['text']['max_len'], mc['text']['vocab_size'], mc['embed_dim']) == (16, 512, 32)
@@ -285,3 +286,24 @@ def test_fold_normalization_takes_unit_range_pixels():
   back = oc.fold_normalization(folded, unfold=True)['img']['embedding']
   np.testing.assert_allclose(back['kernel'], imp.params['img']['embedding']['kernel'], atol=1e-7)
   np.testing.assert_allclose(back['bias'], imp.params['img']['embedding']['bias'], atol=1e-6)
+
+
+def test_pt_with_torch_loads_weights_only(tmp_path):
+  torch = pytest.importorskip('torch')  # Not a dependency: runs where torch happens to be.
+  path, cfg, _ = _fixture('siglip_style')
+  sd = {k: torch.from_numpy(v) for k, v in io.load_state_dict(path).items()}
+  # An open_clip training checkpoint: {'state_dict': ...} saved from DDP ('module.' names).
+  torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in sd.items()}},
+             tmp_path / 'ckpt.pt')
+  got = oc.import_open_clip(str(tmp_path / 'ckpt.pt'), cfg)
+  jax.tree.map(np.testing.assert_array_equal, got.params, oc.import_open_clip(path, cfg).params)
+
+
+def test_clip_bpe_in_a_pp_string():
+  from mmcl.data import preprocess  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  spec = 'clip_bpe:' + os.path.join(DATA, 'clip_bpe_tiny.txt.gz')
+  fn = preprocess.get_preprocess_fn(f'tokenize(max_len=8, tokenizer="{spec}", inkey="t", '
+                                    'outkey="text")')
+  ids = fn({'t': tf.constant('a photo of the cat')})['text'].numpy()
+  np.testing.assert_array_equal(ids, _clip_bpe().tokenize('a photo of the cat', 8)[0])

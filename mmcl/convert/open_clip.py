@@ -288,7 +288,8 @@ def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | 
                      check: bool = True) -> Imported:
   """open_clip weights (a path or a flat state dict) -> mmcl model config and params.
 
-  `config` is an open_clip model config dict or JSON path (optional); `quick_gelu=True` for
+  `config` is an open_clip model config dict or JSON path (optional; a hub
+  `open_clip_config.json` with its "model_cfg" works too); `quick_gelu=True` for
   OpenAI's original weights (open_clip's '-quickgelu' names). Every tensor is mapped: a
   leftover or missing tensor is an error naming it. `check` also compares the params with
   `jax.eval_shape` of the mmcl model's init.
@@ -300,6 +301,7 @@ def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | 
     with open(config) as f:
       config = json.load(f)
   config = dict(config or {})
+  config = dict(config.get('model_cfg', config))  # HF hub open_clip_config.json nests it.
   if quick_gelu is not None:
     config['quick_gelu'] = quick_gelu
   cfg = infer_config(sd, config, head_width)
