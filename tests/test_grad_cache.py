@@ -83,7 +83,8 @@ def test_accum_steps_gives_the_same_update():
   for accum in (1, 4):
     c, mesh, model, params, batch = _setup([('data', 4), ('fsdp', 2)], accum_steps=accum)
     tx = optim.make_optimizer(c, params)
-    state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params)}
+    state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params),
+             'skipped': jnp.zeros((2,), jnp.int32)}
     fn = jax.jit(functools.partial(
         step_lib.train_step, model=model, tx=tx, loss_fn=losses.make_loss_fn(
             'softmax', 'gather', mesh), schedule=optim.make_schedule(c), seed=0,
@@ -102,7 +103,8 @@ def test_fixed_and_scheduled_temperature():
   c, mesh, model, params, batch = _setup([('data', 8)], **{'temperature.type': 'fixed',
                                                            'temperature.value': 7.0})
   tx = optim.make_optimizer(c, params)
-  state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params)}
+  state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params),
+           'skipped': jnp.zeros((2,), jnp.int32)}
   fn = jax.jit(functools.partial(
       step_lib.train_step, model=model, tx=tx,
       loss_fn=losses.make_loss_fn('softmax', 'gather', mesh),
@@ -125,7 +127,8 @@ def test_loss_extras_come_from_the_batch():
   batch['label'] = jax.device_put(np.arange(32, dtype=np.int32) // 2,
                                   mesh_lib.batch_sharding(mesh))
   tx = optim.make_optimizer(c, params)
-  state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params)}
+  state = {'step': jnp.int32(0), 'params': params, 'opt': tx.init(params),
+           'skipped': jnp.zeros((2,), jnp.int32)}
   fn = functools.partial(
       step_lib.train_step, model=model, tx=tx,
       loss_fn=losses.make_loss_fn('multi_positive', 'gather', mesh),

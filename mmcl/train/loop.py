@@ -80,7 +80,8 @@ def compile_train_step(config: ml_collections.ConfigDict):
   s = setup(config)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                        s.abstract_state, s.state_sharding)
-  return s.train_step.lower(state, s.batch_shapes).compile()
+  with jax.set_mesh(s.mesh):
+    return s.train_step.lower(state, s.batch_shapes).compile()
 
 
 def _data_shards(config) -> int:
@@ -148,6 +149,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   finishes, a checkpoint is written and the function returns (tools/train.py exits 0).
   """
   s = setup(config)
+  # The ambient mesh lets layers with their own collectives (MoE dispatch over an 'expert'
+  # axis) find it; nothing else depends on it.
+  with jax.set_mesh(s.mesh):
+    return _run(config, workdir, s)
+
+
+def _run(config, workdir: str, s: Setup) -> dict[str, float]:
   mesh, model, tx, batch_shapes = s.mesh, s.model, s.tx, s.batch_shapes
   abstract_state, state_sharding, train_step = s.abstract_state, s.state_sharding, s.train_step
   rng = jax.random.key(config.seed)
