@@ -52,6 +52,13 @@ def test_optimizer_state_follows_parameter_rules():
   got = partition.tree_shardings(tree, mesh, [('img/kernel', ('fsdp', None))], min_size=1)
   assert got['opt'][0]['mu']['img']['kernel'].spec == P('fsdp', None)
   assert got['params']['img']['kernel'].spec == P('fsdp', None)
+  # The first matching rule wins, even when a later catch-all matches the full path.
+  tree['params']['txt'] = {'kernel': jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  got = partition.tree_shardings(tree, mesh, [('img/.*', 'fsdp'), ('.*', 'replicate')],
+                                 min_size=1)
+  assert got['params']['img']['kernel'].spec == P('fsdp', None)
+  assert got['opt'][0]['mu']['img']['kernel'].spec == P('fsdp', None)
+  assert got['params']['txt']['kernel'].spec == P()
 
 
 def test_small_tensors_and_no_fsdp_axis_replicate():

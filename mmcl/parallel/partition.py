@@ -48,10 +48,11 @@ def _fsdp_spec(shape, mesh: Mesh, min_size: int) -> P:
 
 def _spec_for(name: str, shape, rules, mesh: Mesh, min_size: int) -> P:
   parts = name.split('/')
-  # Longest suffix first, so 'opt/0/mu/img/x' matches a rule written for 'img/x'.
-  for start in range(len(parts)):
-    candidate = '/'.join(parts[start:])
-    for pattern, spec in rules:
+  suffixes = ['/'.join(parts[start:]) for start in range(len(parts))]
+  # The first rule that matches the path or any suffix of it wins (so 'opt/0/mu/img/x'
+  # follows a rule written for 'img/x', and ('img/.*', ...) before ('.*', ...) works).
+  for pattern, spec in rules:
+    for candidate in suffixes:
       if re.fullmatch(pattern, candidate):
         if spec == 'replicate' or not shape:
           return P()
