@@ -63,6 +63,8 @@ class TextTransformer(nn.Module):
   head_bias: bool = True  # False: bias-free projection head (open_clip text_projection).
   act: str = 'gelu_tanh'  # MLP activation, a transformer.ACTIVATIONS name.
   ln_eps: float = transformer.LN_EPS  # Encoder LayerNorm epsilon.
+  # Pads (id 0) are embedded as this id; big_vision SigLIP's "sticky EOS" (pads = EOS = 1).
+  pad_as: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
@@ -91,10 +93,13 @@ class TextTransformer(nn.Module):
       raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
     out = {}
 
+    ids_BxL = text_BxL
+    if self.pad_as is not None:  # Pooling below still sees the original ids.
+      ids_BxL = jnp.where(text_BxL == PAD_ID, self.pad_as, text_BxL)
     x_BxLxD = nn.Embed(
         self.vocab_size, d, dtype=dtype, param_dtype=transformer.PARAM_DTYPE,
         embedding_init=nn.initializers.normal(stddev=0.02),
-        name='embedding')(text_BxL)
+        name='embedding')(ids_BxL)
     pos_1xMxD = self.param('pos_embedding',
                            nn.initializers.normal(stddev=0.01),
                            (1, self.max_len, d), transformer.PARAM_DTYPE)
