@@ -27,7 +27,8 @@ def _fixture(name):
 
 def _apply(model_cfg, params, image_BxHxWx3, text_BxL):
   model = models.get_model(model_cfg)
-  return model.apply({'params': params}, jnp.asarray(image_BxHxWx3), jnp.asarray(text_BxL))
+  as_jnp = lambda x: None if x is None else jnp.asarray(x)
+  return model.apply({'params': params}, as_jnp(image_BxHxWx3), as_jnp(text_BxL))
 
 
 def _unit(x_BxD):
@@ -186,6 +187,7 @@ def test_big_vision_siglip_npz(tmp_path):
   assert mc['image'] == dict(depth=2, width=32, num_heads=2, mlp_dim=64, patch_size=8, pool='map')
   assert (mc['text']['style'], mc['text']['pool'], mc['text']['vocab_size']) == (
       'siglip', 'last', 40)
+  assert mc['text']['pad_as'] == 1  # big_vision's sticky EOS: pads are EOS (1).
   # Complete: every npz tensor is in the params (same values), and nothing else.
   flat = io.flatten(imp.params)
   assert len(flat) == len(sd)
@@ -197,6 +199,9 @@ def test_big_vision_siglip_npz(tmp_path):
   text = jnp.array([[3, 4, 1, 1, 1, 1, 1, 1], [5, 6, 7, 8, 9, 10, 11, 1]], jnp.int32)
   zimg, ztxt, out = _apply(mc, imp.params, image, text)
   assert zimg.shape == ztxt.shape == (2, 16) and np.all(np.isfinite(zimg))
+  # mmcl's 0-padded ids give big_vision's EOS-padded result.
+  ztxt_pad0 = _apply(mc, imp.params, None, jnp.where(text == 1, 0, text))[1]
+  np.testing.assert_array_equal(ztxt_pad0, ztxt)
   assert float(out['b']) == float(sd['params/b'][0])
   np.testing.assert_allclose(out['t'], np.exp(sd['params/t'][0]), rtol=1e-6)
   # A scanned checkpoint (stacked blocks) gives the same params.

@@ -31,6 +31,8 @@ flags.DEFINE_integer('head_width', 64, 'import: open_clip attention head width i
 flags.DEFINE_string('text_pool', 'last', "import big_vision: text pooling ('last', 'first', ...).")
 flags.DEFINE_bool('fold_normalize', False, "import open_clip: fold OpenAI CLIP's pixel mean/std "
                   'into the patch embedding, so the model takes value_range(0, 1) images.')
+flags.DEFINE_integer('sticky_eos', 1, 'import big_vision: pads are embedded as this id (SigLIP '
+                     'pads with EOS = 1); -1: off.')
 flags.DEFINE_string('params', None, 'export: params .npz (from import) or <workdir>/ckpt/<step>.')
 flags.DEFINE_string('model_json', None, 'export: the .json written by import.')
 config_flags.DEFINE_config_file('config', None, 'export: an mmcl config (its .model is used).',
@@ -52,7 +54,8 @@ def main(argv):
                                        quick_gelu=f.quick_gelu)
       size, length = open_clip.image_size(imp.open_clip_config), imp.model_config['text']['max_len']
     else:
-      imp = big_vision.import_big_vision(f.weights, text_pool=f.text_pool)
+      imp = big_vision.import_big_vision(f.weights, text_pool=f.text_pool,
+                                         sticky_eos=None if f.sticky_eos < 0 else f.sticky_eos)
       size, length = imp.image_size, imp.context_length
     meta = dict(model=imp.model_config, image_size=size, text_len=length)
     params = imp.params

@@ -59,8 +59,12 @@ def _tower_shapes(flat, tower):
 
 
 def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str = 'last',
-                      check: bool = True) -> Imported:
-  """A big_vision two-tower checkpoint (`.npz` path or flat dict) -> mmcl config and params."""
+                      sticky_eos: int | None = 1, check: bool = True) -> Imported:
+  """A big_vision two-tower checkpoint (`.npz` path or flat dict) -> mmcl config and params.
+
+  `sticky_eos`: big_vision's SigLIP texts are padded with EOS (`eos="sticky", pad_value=1`);
+  mmcl's tokenizers pad with 0, so the text tower embeds pads as this id (`pad_as`). None: off.
+  """
   source = weights if isinstance(weights, str) else 'npz'
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
       k: np.asarray(v, np.float32) for k, v in weights.items()}
@@ -87,6 +91,8 @@ def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str
   length = flat['txt/pos_embedding'].shape[1]
   text = dict(_tower_shapes(flat, 'txt'), vocab_size=int(vocab), max_len=int(length),
               style='siglip', pool='map' if 'txt/MAPHead_0/probe' in flat else text_pool)
+  if sticky_eos is not None:
+    text['pad_as'] = int(sticky_eos)
 
   dims = {t: flat[f'{t}/head/kernel'].shape[1] for t in ('img', 'txt')
           if f'{t}/head/kernel' in flat}
