@@ -5,7 +5,6 @@ are the gradient all-reduce (parameter bytes, however XLA combines it), the loss
 embedding all-gathers and their reduce-scatters ([B, D] each), and scalar reductions.
 """
 import jax
-import pytest
 
 from configs import demo
 from mmcl.parallel import hlo
@@ -39,7 +38,7 @@ def _problems(config):
 
 
 def test_data_parallel_step_has_only_the_minimal_collectives():
-  config = _dp_config(text_pool='last')  # See the xfail below for the default EOT pooling.
+  config = _dp_config(text_pool='last')  # The default EOT pooling: the next test.
   colls, problems = _problems(config)
   assert not problems, hlo.format_table(colls)
   kinds = hlo.summary(colls)
@@ -49,10 +48,6 @@ def test_data_parallel_step_has_only_the_minimal_collectives():
                                  'wire_bytes': 2 * b_x_d_bytes * 7 / 8}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "text.py's EOT pooling x[jnp.arange(b), idx] is a gather GSPMD cannot split by rows: it "
-    'all-gathers the indices and all-reduces [B, D]; jnp.take_along_axis stays local. '
-    'Remove this mark once text.py uses it.'))
 def test_data_parallel_step_with_eot_pooling_is_minimal():
   colls, problems = _problems(_dp_config())
   assert not problems, hlo.format_table(colls)

@@ -66,7 +66,7 @@ def row_stats_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, spec: RowLoss,
   """
   from mmcl.losses import ring  # ring imports this module for RowLoss.
   b = zimg_bxD.shape[0]
-  offset, batch = ctx.global_rows(b)
+  _, batch = ctx.global_rows(b)
   bias = ctx.bias if spec.with_bias else None
   if spec.with_bias and bias is None:
     raise ValueError('This loss needs a learned bias: set config.model.bias_init '
@@ -80,7 +80,7 @@ def row_stats_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, spec: RowLoss,
         spec, zimg_bxD, ztxt_bxD, ctx.scale, bias, pos_b, axis_names=ctx.axis_names,
         chunk=ctx.chunk)))
   else:
-    is_pos_bxB = (offset + jnp.arange(b))[:, None] == jnp.arange(batch)[None, :]
+    is_pos_bxB = positives_mask(ctx, b)
     stats = {name: spec.stats(spec.logits(q_bxD, ctx.all_gather(k_bxD), ctx.scale, bias),
                               is_pos_bxB, pos_b[:, None])
              for name, (q_bxD, k_bxD) in directions.items()}

@@ -108,7 +108,7 @@ class LIMoE(nn.Module):
       zimg_BxD = two_towers.l2_normalize(head('img_head')(x_BxD))
 
     if text is not None:
-      b, l = text.shape
+      _, l = text.shape
       if l > self.max_len:
         raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
       x_BxLxD = nn.Embed(self.vocab_size, d, dtype=dtype, param_dtype=pdt,
@@ -124,17 +124,11 @@ class LIMoE(nn.Module):
       x_BxLxD, aux = encoder(x_BxLxD, mask, deterministic=not train, modality='text')
       add_aux(aux)
       pool = self.text_pool or ('eot' if self.text_style == 'clip' else 'last')
-      if pool == 'eot':
-        x_BxD = x_BxLxD[jnp.arange(b), text_lib.eot_index(text)]
-      elif pool == 'last':
-        x_BxD = x_BxLxD[:, -1]
-      elif pool == 'first':
-        x_BxD = x_BxLxD[:, 0]
-      elif pool == 'gap':
-        x_BxD = jnp.mean(x_BxLxD, axis=1)
-      else:  # 'map'
+      if pool == 'map':
         x_BxD = transformer.MAPHead(mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
                                     dtype=dtype, name='txt_map')(x_BxLxD)
+      else:  # Before, 'argmax' fell through to 'map' here.
+        x_BxD = text_lib.pool_tokens(x_BxLxD, text, pool)
       ztxt_BxD = two_towers.l2_normalize(head('txt_head')(x_BxD))
 
     t = self.param('t', lambda _: jnp.log(jnp.asarray(self.temperature_init, jnp.float32)))

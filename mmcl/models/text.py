@@ -37,6 +37,29 @@ def eot_index(text_BxL):
   return jnp.max(jnp.where(text_BxL != PAD_ID, pos_1xL, 0), axis=1)
 
 
+def at_positions(x_BxLxD, index_B):
+  """x[b, index[b]] per row. take_along_axis keeps rows on their devices under data
+  parallelism; fancy indexing x[arange(B), index] made GSPMD all-gather the indices and
+  all-reduce [B, D] (tests/test_collectives.py)."""
+  return jnp.take_along_axis(x_BxLxD, index_B[:, None, None], axis=1)[:, 0]
+
+
+def pool_tokens(x_BxLxD, text_BxL, pool: str):
+  """The parameter-free poolings of POOLS (all but 'map', which needs a module)."""
+  if pool == 'eot':
+    return at_positions(x_BxLxD, eot_index(text_BxL))
+  if pool == 'argmax':  # open_clip: the EOT token has the largest id.
+    return at_positions(x_BxLxD, jnp.argmax(text_BxL, axis=1))
+  if pool == 'last':
+    return x_BxLxD[:, -1]
+  if pool == 'first':
+    return x_BxLxD[:, 0]
+  if pool == 'gap':  # Plain mean over all L positions (pads included), as in big_vision.
+    return jnp.mean(x_BxLxD, axis=1)
+  raise ValueError(f'pool_tokens has no parameter-free pool {pool!r}; valid: '
+                   f'{[p for p in POOLS if p != "map"]}')
+
+
 class TextTransformer(nn.Module):
   """Token + position embedding -> pre-norm encoder -> pool -> head.
 
@@ -88,7 +111,7 @@ class TextTransformer(nn.Module):
     hp = self.hparams()
     dtype = transformer.canonical_dtype(self.dtype)
     d = hp['width']
-    b, l = text_BxL.shape
+    _, l = text_BxL.shape
     if l > self.max_len:
       raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
     out = {}
@@ -124,21 +147,12 @@ class TextTransformer(nn.Module):
     out['encoded'] = x_BxLxD
 
     pool = self.pool or ('eot' if self.style == 'clip' else 'last')
-    if pool == 'eot':
-      x_BxD = x_BxLxD[jnp.arange(b), eot_index(text_BxL)]
-    elif pool == 'argmax':
-      x_BxD = x_BxLxD[jnp.arange(b), jnp.argmax(text_BxL, axis=1)]
-    elif pool == 'last':
-      x_BxD = x_BxLxD[:, -1]
-    elif pool == 'first':
-      x_BxD = x_BxLxD[:, 0]
-    elif pool == 'gap':
-      # Plain mean over all L positions (pads included), as in big_vision.
-      x_BxD = jnp.mean(x_BxLxD, axis=1)
-    else:  # 'map'
+    if pool == 'map':
       x_BxD = transformer.MAPHead(
           mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'], dtype=dtype,
           name='MAPHead_0')(x_BxLxD)
+    else:
+      x_BxD = pool_tokens(x_BxLxD, text_BxL, pool)
     out['pre_logits'] = x_BxD
 
     if self.num_classes is not None:
