@@ -215,12 +215,14 @@ def _run(config, workdir: str, s: Setup) -> dict[str, float]:
         return {}
       save(step)
       run_evals(step)
+    logger.close()
+    final = run_evals(config.total_steps, final=True)
+    save(config.total_steps, force=config.total_steps not in ckpt.all_steps())
   finally:
     preemption.close()
-  logger.close()
-  final = run_evals(config.total_steps, final=True)
-  save(config.total_steps, force=config.total_steps not in ckpt.all_steps())
-  ckpt.close()
+    # Also on an error (e.g. too many skipped steps): finish the async saves already
+    # started, so the last checkpoint due before the failure is on disk to resume from.
+    ckpt.close()
   writer.close()
   _print_table(final)
   return final
