@@ -49,6 +49,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.embed_dim = 256
   c.model.dtype = 'float32'
   c.model.remat = False
+  c.model.scan = False  # nn.scan over layers: faster compiles of deep towers.
   c.model.temperature_init = 1 / 0.07  # CLIP's init and clamp, as in open_clip.
   c.model.max_temperature = 100.0
   c.model.bias_init = config_dict.placeholder(float)

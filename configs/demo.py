@@ -51,6 +51,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.embed_dim = 64 if tiny else 128
   c.model.dtype = 'float32'
   c.model.remat = False
+  c.model.scan = False  # nn.scan over layers: faster compiles of deep towers.
   if siglip:
     c.loss.name = 'sigmoid'
     c.model.temperature_init = 10.0

@@ -274,6 +274,34 @@ def test_remat_reaches_both_towers_and_keeps_param_names():
   assert 'checkpoint' not in jaxpr and 'remat' not in jaxpr
 
 
+def test_scan_matches_unrolled_outputs_and_grads():
+  """scan=True is the same function on stacked params; the layouts convert both ways."""
+  def grad_fn(model):
+    def loss(params):
+      zimg, ztxt, _ = model.apply({'params': params}, _image(), _text())
+      return jnp.sum(jnp.sin(zimg @ ztxt.T))
+    return jax.jit(jax.value_and_grad(loss))
+
+  plain, scanned = _two_towers(), _two_towers(scan=True, remat='dots')
+  params = _fake_params(plain, _image(), _text())['params']
+  params.update(plain.init(KEY, None, None)['params'])
+  stacked = transformer.stack_blocks(params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(
+      jax.eval_shape(scanned.init, KEY, _image(), _text())['params'])
+  blocks = stacked['img']['Transformer']['encoderblock']
+  assert blocks['MlpBlock_0']['Dense_0']['kernel'].shape[0] == 2  # pico: depth 2.
+  v0, g0 = grad_fn(plain)(params)
+  v1, g1 = grad_fn(scanned)(stacked)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               transformer.stack_blocks(g0), g1)
+  jax.tree.map(np.testing.assert_array_equal, transformer.unstack_blocks(stacked), params)
+  jaxpr = str(jax.make_jaxpr(scanned.apply)({'params': stacked}, _image(), _text()))
+  assert jaxpr.count('scan[') >= 2, 'both towers scan'
+  with pytest.raises(ValueError, match='scan=True is for dense towers only'):
+    _text_model(scan=True, moe=dict(num_experts=2))
+
+
 def test_dropout_train_uses_rng(vit_params):
   model = vit.ViT(variant='pico/8', num_classes=EMBED, dropout=0.5,
                   pool='map', class_token=True)

@@ -9,7 +9,8 @@ Compiles the real train step of the config (mmcl.train.loop.setup) on the availa
 (or `--devices` forced host devices), feeds it one batch of random images and texts of the
 right shapes, and prints:
   examples_per_sec    median over `--steps` timed steps after `--warmup` steps
-  flops_per_example   from the compiled executable's cost analysis (all devices)
+  flops_per_example   from the compiled executable's cost analysis (all devices; it counts
+                      a loop body once, so under `model.scan=True` it undercounts the layers)
   analytic_flops_per_example, flops_ratio   mmcl.models.flops' matmul count; XLA / analytic
   achieved_flops_per_sec   analytic FLOPs x examples/s
   matmul_flops_per_sec     a `--matmul`-sized fp32 square matmul on device 0, timed right
@@ -18,6 +19,7 @@ right shapes, and prints:
                       device's measured, not its nominal, peak, under the same load
   peak_bytes_per_device    arguments + outputs + temporaries - donated aliases
   compile_sec, collectives (bytes per step by kind; mmcl.parallel.hlo)
+`--steps 0` compiles only: no timing figures (e.g. compile time of a large config).
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
 AdamW step on a batch of the same shape) in the same process, when torch and open_clip are
 installed (optional: see BENCHMARKS.md), and adds `reference_examples_per_sec` and `ratio`.
@@ -41,7 +43,7 @@ def define_flags():
   """The flags of this tool (not defined on import: bench_input imports the functions)."""
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/bench_small.py.')
   flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
-  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps; 0: compile only (no timing figures).')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
   flags.DEFINE_integer('devices', None, 'Forced host devices (CPU); default: what JAX sees.')
   flags.DEFINE_integer('matmul', 2048, 'Side of the square fp32 matmul that measures peak.')
@@ -126,6 +128,14 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
   analytic = flops_lib.train_step_flops(config.model, config.image_size, config.text_len,
                                         global_batch=batch, local_batch=batch // devices)
   colls = hlo.collectives(compiled)
+  row = dict(batch=batch, devices=devices, device_kind=jax.devices()[0].device_kind,
+             flops_per_example=xla_flops, analytic_flops_per_example=analytic['train'],
+             flops_ratio=round(xla_flops / analytic['train'], 4),
+             **memory(compiled), compile_sec=round(compile_sec, 2),
+             collectives={k: v['bytes'] for k, v in hlo.summary(colls).items()},
+             _colls=colls)
+  if steps == 0:
+    return row
 
   state = jax.jit(lambda r: step_lib.init_state(s.model, s.tx, r, s.batch_shapes),
                   out_shardings=s.state_sharding)(jax.random.key(config.seed))
@@ -154,16 +164,9 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
   achieved = analytic['train'] * batch / sec
   mfu = statistics.median(analytic['train'] * batch / t / (r * per_peak)
                           for t, r in zip(secs, rates))
-  return dict(
-      examples_per_sec=round(batch / sec, 2), step_sec=round(sec, 4), batch=batch,
-      devices=devices, device_kind=jax.devices()[0].device_kind,
-      flops_per_example=xla_flops, analytic_flops_per_example=analytic['train'],
-      flops_ratio=round(xla_flops / analytic['train'], 4),
-      achieved_flops_per_sec=achieved, matmul_flops_per_sec=rate,
-      mfu=round(mfu, 4),
-      **memory(compiled), compile_sec=round(compile_sec, 2),
-      collectives={k: v['bytes'] for k, v in hlo.summary(colls).items()},
-      _colls=colls)
+  return dict(examples_per_sec=round(batch / sec, 2), step_sec=round(sec, 4),
+              achieved_flops_per_sec=achieved, matmul_flops_per_sec=rate, mfu=round(mfu, 4),
+              **row)
 
 
 def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict | None:
@@ -306,7 +309,7 @@ def main(argv):
   if f.collectives:
     from mmcl.parallel import hlo
     print(hlo.format_table(colls), file=sys.stderr)
-  if f.reference == 'open_clip':
+  if f.reference == 'open_clip' and f.steps:
     ref = open_clip_step(config.batch_size, f.steps, f.warmup)
     if ref is None:
       row['reference'] = 'open_clip not installed (pip install torch open_clip_torch)'

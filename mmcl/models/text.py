@@ -80,6 +80,7 @@ class TextTransformer(nn.Module):
   pool: str | None = None
   dropout: float = 0.0
   remat: bool | str = False
+  scan: bool = False  # nn.scan over the (dense) encoder's blocks: transformer.Encoder.
   dtype: Any = 'float32'
   moe: Any = None  # Sparse MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
   # Opt-in features of open_clip text towers (mmcl.convert):
@@ -97,6 +98,8 @@ class TextTransformer(nn.Module):
       moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
       if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
         raise ValueError('Text act/ln_eps are for dense towers only (moe is set).')
+      if self.scan:
+        raise ValueError('Text scan=True is for dense towers only (moe is set).')
     if self.style not in STYLES:
       raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
     if self.pool is not None and self.pool not in POOLS:
@@ -136,7 +139,8 @@ class TextTransformer(nn.Module):
       x_BxLxD = transformer.Encoder(
           depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
           dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
-          ln_eps=self.ln_eps, name='Transformer')(x_BxLxD, mask, deterministic=not train)
+          ln_eps=self.ln_eps, scan=self.scan,
+          name='Transformer')(x_BxLxD, mask, deterministic=not train)
     else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
       x_BxLxD, aux = moe_lib.MoeEncoder(
           depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],

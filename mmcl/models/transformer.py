@@ -4,6 +4,7 @@ All modules take a compute `dtype` (e.g. jnp.bfloat16) and keep their
 parameters in float32, so mixed precision never touches the optimizer state.
 """
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -116,7 +117,13 @@ def remat_block(block_cls, remat: bool | str, static_argnums: tuple[int, ...]):
 
 
 class Encoder(nn.Module):
-  """A stack of `depth` EncoderBlocks followed by a final LayerNorm."""
+  """A stack of `depth` EncoderBlocks followed by a final LayerNorm.
+
+  With `scan=True` the blocks run as one `nn.scan`: XLA compiles one block instead of
+  `depth` copies (compile time; BENCHMARKS.md) and the params are stacked along a leading
+  depth axis under 'encoderblock' ('encoderblock_<i>' otherwise; `stack_blocks` /
+  `unstack_blocks` convert between the two layouts).
+  """
   depth: int
   mlp_dim: int | None = None
   num_heads: int = 12
@@ -125,18 +132,50 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   act: str = 'gelu_tanh'
   ln_eps: float = LN_EPS
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True):
     # `deterministic` (arg 3, counting self) is a Python bool, so it must be static.
     block_cls = remat_block(EncoderBlock, self.remat, static_argnums=(3,))
-    for i in range(self.depth):
-      x_BxLxD = block_cls(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-          dropout=self.dropout, dtype=self.dtype, act=self.act, ln_eps=self.ln_eps,
-          name=f'encoderblock_{i}')(x_BxLxD, mask, deterministic)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              dtype=self.dtype, act=self.act, ln_eps=self.ln_eps)
+    if self.scan:
+      # A function target closes over `mask` and `deterministic`; only x is carried.
+      blocks = nn.scan(lambda block, x, _: (block(x, mask, deterministic), None),
+                       variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True}, length=self.depth)
+      x_BxLxD, _ = blocks(block_cls(**kw, name='encoderblock'), x_BxLxD, None)
+    else:
+      for i in range(self.depth):
+        x_BxLxD = block_cls(**kw, name=f'encoderblock_{i}')(x_BxLxD, mask, deterministic)
     return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE,
                         name='encoder_norm')(x_BxLxD)
+
+
+def stack_blocks(params):
+  """Params of an unscanned model -> the `scan=True` layout, in every Encoder of the tree."""
+  if not isinstance(params, Mapping):
+    return params
+  names = [k for k in params if k.startswith('encoderblock_')]
+  if not names:
+    return {k: stack_blocks(v) for k, v in params.items()}
+  blocks = [params[f'encoderblock_{i}'] for i in range(len(names))]  # KeyError: a gap.
+  out = {k: stack_blocks(v) for k, v in params.items() if k not in names}
+  out['encoderblock'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return out
+
+
+def unstack_blocks(params):
+  """The inverse of `stack_blocks`: a scanned model's params -> 'encoderblock_<i>'."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {k: unstack_blocks(v) for k, v in params.items() if k != 'encoderblock'}
+  if 'encoderblock' in params:
+    depth = jax.tree.leaves(params['encoderblock'])[0].shape[0]
+    for i in range(depth):
+      out[f'encoderblock_{i}'] = jax.tree.map(lambda x: x[i], params['encoderblock'])
+  return out
 
 
 class MAPHead(nn.Module):

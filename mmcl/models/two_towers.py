@@ -36,6 +36,7 @@ class TwoTowers(nn.Module):
   bias_init: float | None = None  # SigLIP: -10.0; None = no `b` param.
   dtype: str = 'float32'  # Compute dtype; params and outputs stay float32.
   remat: bool | str = False  # True / 'full', 'dots', 'dots_no_batch' (transformer.py).
+  scan: bool = False  # nn.scan over each dense tower's blocks (transformer.Encoder).
 
   def __post_init__(self):
     super().__post_init__()
@@ -63,6 +64,7 @@ class TwoTowers(nn.Module):
                        f'valid: {sorted(fields)}')
     # A tower's own `remat` may turn remat on for that tower alone.
     cfg['remat'] = cfg.get('remat') or self.remat
+    cfg['scan'] = cfg.get('scan') or (self.scan and not cfg.get('moe'))
     cfg['dtype'] = self.dtype
     return cls(**cfg, num_classes=self.embed_dim, **kw)
 

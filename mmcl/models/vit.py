@@ -55,6 +55,7 @@ class ViT(nn.Module):
   class_token: bool | None = None  # None: only when pool == 'tok'.
   dropout: float = 0.0
   remat: bool | str = False
+  scan: bool = False  # nn.scan over the (dense) encoder's blocks: transformer.Encoder.
   dtype: Any = 'float32'
   moe: Any = None  # Sparse V-MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
   # Opt-in features of OpenAI CLIP / open_clip ViTs (mmcl.convert):
@@ -71,6 +72,8 @@ class ViT(nn.Module):
       moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
       if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
         raise ValueError('ViT act/ln_eps are for dense towers only (moe is set).')
+      if self.scan:
+        raise ValueError('ViT scan=True is for dense towers only (moe is set).')
     if self.pool not in POOLS:
       raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
     if self.pool == 'tok' and self.class_token is False:
@@ -114,7 +117,8 @@ class ViT(nn.Module):
       x_BxNxD = transformer.Encoder(
           depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
           dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
-          ln_eps=self.ln_eps, name='Transformer')(x_BxNxD, deterministic=not train)
+          ln_eps=self.ln_eps, scan=self.scan,
+          name='Transformer')(x_BxNxD, deterministic=not train)
     else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
       x_BxNxD, aux = moe_lib.MoeEncoder(
           depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
