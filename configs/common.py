@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
   c.optim.freeze = ''  # Regex of frozen parameters, e.g. 'img/.*' for LiT.
+  # Start from weights (fine-tuning, LiT): a .npz from tools/convert.py or <workdir>/ckpt/<step>.
+  c.model_init = ''
+  c.model_init_dont_load = ()  # Regexes of params kept freshly initialised, e.g. 'img/head/.*'.
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = 'cosine'
   c.schedule.warmup_steps = 100

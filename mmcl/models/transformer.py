@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 PARAM_DTYPE = jnp.float32
@@ -162,7 +163,9 @@ def stack_blocks(params):
     return {k: stack_blocks(v) for k, v in params.items()}
   blocks = [params[f'encoderblock_{i}'] for i in range(len(names))]  # KeyError: a gap.
   out = {k: stack_blocks(v) for k, v in params.items() if k not in names}
-  out['encoderblock'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  # Host arrays stay on the host (a converted checkpoint may not fit on one device).
+  stack = lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs)
+  out['encoderblock'] = jax.tree.map(stack, *blocks)
   return out
 
 

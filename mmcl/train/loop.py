@@ -19,6 +19,7 @@ from mmcl import evaluate, losses, models
 from mmcl.data import input_pipeline
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train import metrics as metrics_lib
+from mmcl.train import model_init
 from mmcl.train import optim, step as step_lib
 from mmcl.train import validate as validate_lib
 
@@ -166,6 +167,13 @@ def _run(config, workdir: str, s: Setup) -> dict[str, float]:
   if start is None:
     state = jax.jit(lambda r: step_lib.init_state(model, tx, r, batch_shapes),
                     out_shardings=state_sharding)(rng)
+    if config.get('model_init'):  # Fine-tuning / LiT: params from a file, fresh optimizer.
+      state['params'] = model_init.load(config.model_init, state['params'],
+                                        state_sharding['params'],
+                                        config.get('model_init_dont_load', ()))
+      state['opt'] = jax.jit(tx.init, out_shardings=state_sharding['opt'])(state['params'])
+      if jax.process_index() == 0:
+        print(f'Initialised from {config.model_init}', flush=True)
     start = 0
   else:
     state = ckpt.restore(abstract_state, state_sharding, start)

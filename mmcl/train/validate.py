@@ -1,5 +1,8 @@
 """Config checks that run before anything compiles: each error names the bad value and
 the valid choices."""
+import os
+import re
+
 import jax
 import ml_collections
 
@@ -40,6 +43,12 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
     if 'pp_img' in cfg:
       preprocess.get_preprocess_fn(input_pipeline.format_pp(cfg.pp_img, config))
   evaluate.check_types(config.evals)
+  init = config.get('model_init')
+  if init and not os.path.exists(init):
+    raise ValueError(f'config.model_init={init!r} does not exist: give a .npz from '
+                     'tools/convert.py or a checkpoint step directory <workdir>/ckpt/<step>.')
+  for pattern in config.get('model_init_dont_load', ()):
+    re.compile(pattern)  # re.error names the bad pattern.
   partition.validate_rules(config.sharding_rules)
   return mesh
 

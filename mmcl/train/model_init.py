@@ -1,0 +1,62 @@
+"""Starting a run from existing weights (`config.model_init`): fine-tuning, LiT.
+
+The weights are a `.npz` written by tools/convert.py (open_clip / big_vision imports) or an
+mmcl checkpoint step directory (`<workdir>/ckpt/<step>`). Every parameter of the model comes
+from the file, except those matching a `config.model_init_dont_load` regex, which keep their
+fresh initialisation (e.g. a new projection head). Anything else that does not match, by
+name or shape, is an error that lists it: a silent partial load is the worst outcome.
+"""
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from mmcl.convert import io
+from mmcl.models import transformer
+
+
+def merge(fresh, loaded, dont_load: Sequence[str] = (), source: str = 'model_init'):
+  """`fresh`'s tree with each leaf taken from `loaded`, except names matching `dont_load`.
+
+  `fresh` may be abstract (shapes only) for the leaves that are loaded; `loaded` is converted
+  between the per-layer and the scanned (`model.scan`) block layouts as the model needs.
+  """
+  want = io.flatten(fresh)
+  if any('/encoderblock/' in k for k in want):
+    loaded = transformer.stack_blocks(loaded)
+  else:
+    loaded = transformer.unstack_blocks(loaded)
+  got = io.flatten(loaded)
+  patterns = [re.compile(p) for p in dont_load]
+  keep = {k for k in want if any(p.fullmatch(k) for p in patterns)}
+  missing = sorted(k for k in want if k not in keep and k not in got)
+  shapes = sorted(f'{k}: {tuple(got[k].shape)} vs model {tuple(want[k].shape)}'
+                  for k in want if k not in keep and k in got
+                  and tuple(got[k].shape) != tuple(want[k].shape))
+  if missing or shapes:
+    raise ValueError(
+        f'{source} does not fit the model: missing {missing or "none"}; shape mismatches '
+        f'{shapes or "none"}. Keep such parameters freshly initialised with '
+        'config.model_init_dont_load (regexes over names like "img/head/kernel").')
+  unused = sorted(set(got) - set(want))
+  if unused:
+    logging.warning('%s: %d tensor(s) not used by the model: %s', source, len(unused),
+                    ', '.join(unused[:20]))
+  return io.unflatten({k: want[k] if k in keep else np.asarray(got[k], want[k].dtype)
+                       for k in want})
+
+
+def place(tree, shardings):
+  """Host arrays -> global jax.Arrays with `shardings`; each process supplies its shards."""
+  return jax.tree.map(
+      lambda x, s: x if isinstance(x, jax.Array) else
+      jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]), tree, shardings)
+
+
+def load(path: str, fresh_params, shardings, dont_load: Sequence[str] = ()):
+  """The params of a run that starts from `path` (see the module docstring); the ones kept
+  from `fresh_params` (global arrays) stay where they are."""
+  merged = merge(fresh_params, io.load_params(path), dont_load, source=f'model_init {path!r}')
+  return place(merged, shardings)
