@@ -50,7 +50,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
            max_len=c.get_ref('text_len')))
   c.model.embed_dim = 64 if tiny else 128
   c.model.dtype = 'float32'
-  c.model.remat = False
+  c.model.remat = 'none'  # Or 'full', 'dots', 'dots_no_batch' (transformer.REMAT_POLICIES).
   c.model.scan = False  # nn.scan over layers: faster compiles of deep towers.
   if siglip:
     c.loss.name = 'sigmoid'

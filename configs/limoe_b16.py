@@ -69,7 +69,7 @@ def recipe(arg: str, *, variant: str, res: int, batch_size: int, steps: int,
   c.model.max_len = c.get_ref('text_len')
   c.model.temperature_init = 10.0  # Paper: "initialised at 10".
   c.model.dtype = 'float32' if tiny else 'bfloat16'
-  c.model.remat = remat
+  c.model.remat = 'full' if remat else 'none'  # A string, so flags can name a policy.
   c.model.moe = dict(
       num_experts=num_experts, k=1, every=2, bpr=True, capacity_factor=1.0,
       # A group holds a few whole images; text groups take the largest divisor below.

@@ -47,7 +47,7 @@ class LIMoE(nn.Module):
   max_temperature: float | None = None
   bias_init: float | None = None
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False  # Or a transformer.REMAT_POLICIES name.
   dtype: str = 'float32'
 
   def __post_init__(self):

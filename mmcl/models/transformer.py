@@ -112,7 +112,7 @@ def remat_block(block_cls, remat: bool | str, static_argnums: tuple[int, ...]):
     return block_cls
   policy = 'full' if remat is True else remat
   if policy not in REMAT_POLICIES:
-    raise ValueError(f'Unknown remat policy {remat!r}; valid: False, True, '
+    raise ValueError(f'Unknown remat policy {remat!r}; valid: False, True, "none", '
                      f'{sorted(REMAT_POLICIES)}')
   return nn.remat(block_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[policy])
 

@@ -63,7 +63,8 @@ class TwoTowers(nn.Module):
       raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.{what}; '
                        f'valid: {sorted(fields)}')
     # A tower's own `remat` may turn remat on for that tower alone.
-    cfg['remat'] = cfg.get('remat') or self.remat
+    if cfg.get('remat') in (None, False, 'none'):
+      cfg['remat'] = self.remat
     cfg['scan'] = cfg.get('scan') or (self.scan and not cfg.get('moe'))
     cfg['dtype'] = self.dtype
     return cls(**cfg, num_classes=self.embed_dim, **kw)
