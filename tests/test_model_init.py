@@ -1,5 +1,6 @@
 """Starting runs from existing weights: config.model_init (mmcl.train.model_init)."""
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -14,6 +15,7 @@ from mmcl.train import model_init
 def tiny_config(data_dir, **overrides):
   c = demo.get_config('tiny')
   c.data_dir, c.progress_bar = data_dir, False
+  c.evals = ml_collections.ConfigDict()  # Only the parameters matter here.
   c.update_from_flattened_dict(overrides)
   return c
 
