@@ -28,6 +28,7 @@ class Checkpointer:
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
     self.every = every
     self.data_directory = os.path.join(os.path.abspath(workdir), 'data_state')
 
@@ -97,8 +98,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self):
-    """Waits for pending saves, then releases the manager. Safe to call twice."""
-    if self._manager is not None:
-      self._manager.wait_until_finished()
+    """Waits for pending saves, then releases the manager's threads. Safe to call twice;
+    reading (steps, restore) still works afterwards."""
+    self._manager.wait_until_finished()
+    if not self._closed:
       self._manager.close()
-      self._manager = None
+      self._closed = True
