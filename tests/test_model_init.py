@@ -46,7 +46,7 @@ def test_merge_names_what_does_not_fit():
   rng = np.random.default_rng(0)
   fresh, loaded = _tree(rng), _tree(rng, depth=1)
   loaded['img']['head']['kernel'] = np.zeros((5, 8))
-  with pytest.raises(ValueError, match=r"missing \['img/Transformer/encoderblock_1/.*kernel'\]"
+  with pytest.raises(ValueError, match=r"missing \[img/Transformer/encoderblock_1/.*kernel\]"
                      r".*img/head/kernel: \(5, 8\) vs model \(5, 4\).*model_init_dont_load"):
     model_init.merge(fresh, loaded)
   del fresh['img']['Transformer']['encoderblock_1']

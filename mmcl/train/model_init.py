@@ -36,9 +36,11 @@ def merge(fresh, loaded, dont_load: Sequence[str] = (), source: str = 'model_ini
                   for k in want if k not in keep and k in got
                   and tuple(got[k].shape) != tuple(want[k].shape))
   if missing or shapes:
+    show = lambda names: (', '.join(names[:20]) + (f' ... ({len(names)} in all)'
+                                                   if len(names) > 20 else '')) or 'none'
     raise ValueError(
-        f'{source} does not fit the model: missing {missing or "none"}; shape mismatches '
-        f'{shapes or "none"}. Keep such parameters freshly initialised with '
+        f'{source} does not fit the model: missing [{show(missing)}]; shape mismatches '
+        f'[{show(shapes)}]. Keep such parameters freshly initialised with '
         'config.model_init_dont_load (regexes over names like "img/head/kernel").')
   unused = sorted(set(got) - set(want))
   if unused:
