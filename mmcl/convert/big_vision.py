@@ -22,8 +22,7 @@ import numpy as np
 
 from mmcl.convert import io
 from mmcl.convert import open_clip as oc_lib
-
-_SCANNED = re.compile(r'^(img|txt)/Transformer/encoderblock/(.*)$')
+from mmcl.models import transformer
 
 
 class Imported(NamedTuple):
@@ -31,19 +30,6 @@ class Imported(NamedTuple):
   params: dict  # The 'params' collection: {'img', 'txt', 't'[, 'b']}.
   image_size: int
   context_length: int
-
-
-def _unscan(flat: dict) -> dict:
-  """'Transformer/encoderblock/X' [depth, ...] -> 'Transformer/encoderblock_<i>/X' [...]."""
-  out = {}
-  for name, x in flat.items():
-    m = _SCANNED.match(name)
-    if m is None:
-      out[name] = x
-      continue
-    for i in range(x.shape[0]):
-      out[f'{m.group(1)}/Transformer/encoderblock_{i}/{m.group(2)}'] = x[i]
-  return out
 
 
 def _tower_shapes(flat, tower):
@@ -68,7 +54,9 @@ def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str
   source = weights if isinstance(weights, str) else 'npz'
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
       k: np.asarray(v, np.float32) for k, v in weights.items()}
-  flat = _unscan({k.removeprefix('params/'): v for k, v in sd.items()})
+  # Scanned encoders ('Transformer/encoderblock/X' [depth, ...]) -> 'encoderblock_<i>/X'.
+  flat = io.flatten(transformer.unstack_blocks(
+      io.unflatten({k.removeprefix('params/'): v for k, v in sd.items()})))
   for need in ('img/embedding/kernel', 'img/pos_embedding', 'txt/Embed_0/embedding',
                'txt/pos_embedding', 't'):
     if need not in flat:
