@@ -15,6 +15,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
+from mmcl.convert import io
 from mmcl.parallel.partition import path_str
 
 
@@ -83,16 +84,12 @@ class Checkpointer:
         metadata['params']) if hasattr(m, 'shape')}
     want = {path_str(p): tuple(a.shape)
             for p, a in jax.tree_util.tree_leaves_with_path(abstract_state['params'])}
-    missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
-    shapes = sorted(f'{k}: checkpoint {saved[k]} vs model {want[k]}'
-                    for k in set(want) & set(saved) if saved[k] != want[k])
+    missing, unexpected, shapes = io.diff_shapes(saved, want, label='checkpoint ')
     if missing or unexpected or shapes:
-      def show(names):
-        return ', '.join(names[:20]) + (f' ... ({len(names)} in all)' if len(names) > 20 else '')
       raise ValueError(
           f'The checkpoint at step {step} in {self.directory} does not match the model: '
-          f'missing {show(missing) or "none"}; unexpected {show(unexpected) or "none"}; '
-          f'shape mismatches {show(shapes) or "none"}.')
+          f'missing {io.name_list(missing)}; unexpected {io.name_list(unexpected)}; '
+          f'shape mismatches {io.name_list(shapes)}.')
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -128,13 +128,25 @@ class Tensors:
                        f'{", ".join(left[:30])}' + (' ...' if len(left) > 30 else ''))
 
 
+def diff_shapes(got: Mapping[str, tuple], want: Mapping[str, tuple], label: str = ''):
+  """(names missing from `got`, names `want` lacks, 'name: <label>shape vs model shape' for
+  the shared names whose shapes differ), each sorted. Maps are {name: shape}."""
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  bad = sorted(f'{k}: {label}{tuple(got[k])} vs model {tuple(want[k])}'
+               for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k]))
+  return missing, extra, bad
+
+
+def name_list(names: list[str], limit: int = 20) -> str:
+  """'a, b, c ... (N in all)' for error messages; 'none' when empty."""
+  more = f' ... ({len(names)} in all)' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more if names else 'none'
+
+
 def check_params(params: Mapping, expected: Mapping, what: str = 'converted params'):
   """Same names and shapes as `expected` (e.g. jax.eval_shape of model.init), or an error."""
-  got = {k: tuple(v.shape) for k, v in flatten(params).items()}
-  want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
-  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  bad = sorted(f'{k}: {got[k]} vs model {want[k]}' for k in set(got) & set(want)
-               if got[k] != want[k])
+  missing, extra, bad = diff_shapes({k: v.shape for k, v in flatten(params).items()},
+                                    {k: v.shape for k, v in flatten(expected).items()})
   if missing or extra or bad:
     raise ValueError(f'{what} do not match the mmcl model: missing {missing or "none"}; '
                      f'unexpected {extra or "none"}; shape mismatches {bad or "none"}.')

@@ -31,18 +31,15 @@ def merge(fresh, loaded, dont_load: Sequence[str] = (), source: str = 'model_ini
   got = io.flatten(loaded)
   patterns = [re.compile(p) for p in dont_load]
   keep = {k for k in want if any(p.fullmatch(k) for p in patterns)}
-  missing = sorted(k for k in want if k not in keep and k not in got)
-  shapes = sorted(f'{k}: {tuple(got[k].shape)} vs model {tuple(want[k].shape)}'
-                  for k in want if k not in keep and k in got
-                  and tuple(got[k].shape) != tuple(want[k].shape))
+  missing, unused, shapes = io.diff_shapes(
+      {k: v.shape for k, v in got.items()},
+      {k: v.shape for k, v in want.items() if k not in keep})
   if missing or shapes:
-    show = lambda names: (', '.join(names[:20]) + (f' ... ({len(names)} in all)'
-                                                   if len(names) > 20 else '')) or 'none'
     raise ValueError(
-        f'{source} does not fit the model: missing [{show(missing)}]; shape mismatches '
-        f'[{show(shapes)}]. Keep such parameters freshly initialised with '
+        f'{source} does not fit the model: missing [{io.name_list(missing)}]; shape '
+        f'mismatches [{io.name_list(shapes)}]. Keep such parameters freshly initialised with '
         'config.model_init_dont_load (regexes over names like "img/head/kernel").')
-  unused = sorted(set(got) - set(want))
+  unused = [k for k in unused if k not in keep]  # Kept params may also be in the file.
   if unused:
     logging.warning('%s: %d tensor(s) not used by the model: %s', source, len(unused),
                     ', '.join(unused[:20]))
