@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark tools' functions and the analytic FLOP count (no timings)."""
 import importlib.util
 import os
+import time
 
 import numpy as np
 import pytest
@@ -75,3 +76,12 @@ def test_bench_step_compile_only_with_scan():
   assert 'examples_per_sec' not in row and row['compile_sec'] > 0
   # XLA's cost analysis counts a loop body once: under scan it undercounts the layers.
   assert row['flops_ratio'] < 1.0, row
+
+
+def test_bench_parts_alternates_and_reports_medians():
+  bench_parts = _tool('bench_parts')
+  calls = []
+  ms = bench_parts.alternate({'a': lambda: calls.append('a'),
+                              'b': lambda: (calls.append('b'), time.sleep(0.01))}, steps=3)
+  assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b'] * 3  # 2 warm-ups each, then in turn.
+  assert ms['b'] >= 10 > ms['a'] >= 0
