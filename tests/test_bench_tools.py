@@ -54,13 +54,20 @@ def test_random_batch_has_eot_tokens():
   assert (batch['text'] == 0).any() and batch['text'].max() < 4096
 
 
-def test_bench_step_runs_the_real_step_on_8_devices():
+def test_bench_step_runs_the_real_step_on_8_devices(tmp_path, capsys):
   bench_step = _tool('bench_step')
   c = demo.get_config('tiny')
   c.model.image.depth = c.model.text.depth = 1
   c.progress_bar = False
-  row = bench_step.bench_step(c, steps=1, warmup=0, matmul=256)
+  row = bench_step.bench_step(c, steps=1, warmup=0, matmul=256, trace_dir=str(tmp_path))
   assert row['devices'] == 8 and row['examples_per_sec'] > 0 and row['mfu'] > 0
+  assert row['page_faults_per_step'] >= 0 and row['kernel_cpu_sec_per_step'] >= 0
+  # The op table names the step's ops and the model code that made them, biggest first.
+  table = capsys.readouterr().err.splitlines()
+  assert table[0].endswith(f'trace in {tmp_path}'), table[:2]
+  times = [float(line.split()[0]) for line in table[1:]]
+  assert len(times) > 5 and times == sorted(times, reverse=True)
+  assert any('img/Transformer/encoderblock_*/MlpBlock_0/Dense_0' in line for line in table)
   # cost_analysis is per device: times 8 devices it is the analytic count plus element-wise.
   assert 1.0 < row['flops_ratio'] < 1.15, row
   assert set(row['collectives']) == {'all-reduce', 'all-gather', 'reduce-scatter'}

@@ -60,7 +60,6 @@ def main(argv=None):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={args.devices}')
   if args.accum_config:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return bench_accum(args.accum_config, [int(a) for a in args.accum.split(',')],
                        args.devices)
   import jax
@@ -102,4 +101,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from mmcl import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
   main(sys.argv[1:])

@@ -90,5 +90,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mmcl import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
   flags.DEFINE_integer('steps', 5, 'Timed calls of each part (after 2 warm-up calls).')
   app.run(main)

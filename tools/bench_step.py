@@ -20,7 +20,12 @@ right shapes, and prints:
   peak_bytes_per_device    arguments + outputs + temporaries - donated aliases
   donated_bytes_per_device what donating the state saves (the aliased state buffers)
   compile_sec, collectives (bytes per step by kind; mmcl.parallel.hlo)
+  page_faults_per_step, kernel_cpu_sec_per_step   host page faults and kernel CPU time of a
+                      step (median): what a fresh mapping of XLA's temporaries costs
+  malloc_huge_pages   whether XLA's per-step buffers get huge pages (mmcl/hostmem.py; the
+                      tool re-executes itself to turn them on unless MMCL_HUGE_PAGES=0)
 `--steps 0` compiles only: no timing figures (e.g. compile time of a large config).
+`--trace DIR` also traces two steps and prints where their time went, by HLO op kind.
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
 AdamW step on a batch of the same shape) in the same process, when torch and open_clip are
 installed (optional: see BENCHMARKS.md), and adds `reference_examples_per_sec` and `ratio`.
@@ -29,6 +34,7 @@ collectives) of B/16, L/14 and LIMoE-B/16 train steps on TPU slices (see `roofli
 """
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -50,6 +56,8 @@ def define_flags():
   flags.DEFINE_integer('matmul', 2048, 'Side of the square fp32 matmul that measures peak.')
   flags.DEFINE_enum('reference', None, ['open_clip'], 'Also time this reference model.')
   flags.DEFINE_bool('collectives', False, 'Also print the table of collectives (stderr).')
+  flags.DEFINE_string('trace', None, 'After timing, trace 2 steps with jax.profiler into this '
+                      'directory and print the ops that took the most time (stderr).')
   flags.DEFINE_list('roofline', None, 'Instead: roofline rows for CHIP:N slices, e.g. '
                     'v4:256,v5e:256 (chips), of B/16, L/14 and LIMoE-B/16 at --batch.')
 
@@ -109,9 +117,11 @@ def memory(compiled) -> dict:
           'donated_bytes_per_device': int(m.alias_size_in_bytes)}
 
 
-def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
+def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
+               trace_dir: str | None = None) -> dict:
   """Compiles and times `config`'s train step; the figures of the module docstring."""
   import jax
+  from mmcl import hostmem
   from mmcl.models import flops as flops_lib
   from mmcl.parallel import hlo
   from mmcl.train import loop
@@ -133,6 +143,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
                                         global_batch=batch, local_batch=batch // devices)
   colls = hlo.collectives(compiled)
   row = dict(batch=batch, devices=devices, device_kind=jax.devices()[0].device_kind,
+             malloc_huge_pages=hostmem.enabled(),
              flops_per_example=xla_flops, analytic_flops_per_example=analytic['train'],
              flops_ratio=round(xla_flops / analytic['train'], 4),
              **memory(compiled), compile_sec=round(compile_sec, 2),
@@ -156,12 +167,17 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
   matmul_rate = matmul_timer(matmul)
   for _ in range(warmup):
     one_step()
-  secs, rates = [], []
+  secs, rates, host = [], [], []
   for _ in range(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     one_step()
     secs.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    host.append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
     rates.append(matmul_rate())
+  if trace_dir:
+    trace_ops(one_step, compiled, trace_dir)
   sec, rate = statistics.median(secs), statistics.median(rates)
   # Forced host devices share the CPU's cores, which one device's matmul already uses.
   per_peak = 1 if jax.devices()[0].platform == 'cpu' else devices
@@ -170,7 +186,42 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048) -> dict:
                           for t, r in zip(secs, rates))
   return dict(examples_per_sec=round(batch / sec, 2), step_sec=round(sec, 4),
               achieved_flops_per_sec=achieved, matmul_flops_per_sec=rate, mfu=round(mfu, 4),
+              page_faults_per_step=int(statistics.median(h[0] for h in host)),
+              kernel_cpu_sec_per_step=round(statistics.median(h[1] for h in host), 3),
               **row)
+
+
+def trace_ops(one_step, compiled, trace_dir: str, steps: int = 2, top: int = 25):
+  """Traces `steps` steps with jax.profiler into `trace_dir` (TensorBoard / Perfetto) and
+  prints (stderr) the ops that took the most thread time per step: HLO op kind and the model
+  code that made it (the op's op_name, layer indices folded), with their share."""
+  import collections
+  import glob
+  import gzip
+  import re
+  import jax
+  hlo = compiled.as_text()
+  module = re.search(r'HloModule ([^\s,]+)', hlo).group(1)
+  made_by = dict(re.findall(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo))
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      one_step()
+  path = sorted(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz')))[-1]
+  totals = collections.Counter()
+  for e in json.load(gzip.open(path))['traceEvents']:
+    args = e.get('args', {})
+    if e.get('ph') != 'X' or 'hlo_op' not in args or args.get('hlo_module') != module:
+      continue  # Not one of the step's ops (runtime, Python, other executables).
+    op = args['hlo_op']
+    code = re.sub(r'encoderblock_\d+', 'encoderblock_*',
+                  made_by.get(op, '').replace('jit(train_step)/', ''))
+    kind = re.sub(r'[.]\d+$', '', op)
+    totals[f'{kind}  {code}'] += e['dur'] / steps
+  total = sum(totals.values())
+  print(f'{total / 1e3:.0f} ms of op time per step (threads summed); trace in {trace_dir}',
+        file=sys.stderr)
+  for what, us in totals.most_common(top):
+    print(f'{us / 1e3:9.1f} ms {us / total:6.1%}  {what}', file=sys.stderr)
 
 
 def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict | None:
@@ -308,7 +359,7 @@ def main(argv):
   if f.batch:
     config.batch_size = f.batch
   config.progress_bar = False
-  row = bench_step(config, f.steps, f.warmup, f.matmul)
+  row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
   colls = row.pop('_colls')
   if f.collectives:
     from mmcl.parallel import hlo
@@ -324,5 +375,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mmcl import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
   define_flags()
   app.run(main)
