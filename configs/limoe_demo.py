@@ -15,6 +15,7 @@ loss; 'tiny' shrinks the model and data to a smoke test that runs in seconds (te
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import demo
 
@@ -46,7 +47,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       remat=old.remat,
       moe=dict(
           num_experts=num_experts, k=1, every=1, capacity_factor=1.0,
+          layers=config_dict.placeholder(tuple),  # Explicit MoE layers; overrides `every`.
           eval_capacity_factor=2.0, group_size=64, bpr=True,
+          noise_std=config_dict.placeholder(float),  # None: 1 / num_experts (V-MoE).
           importance_weight=0.0, load_weight=0.0,
           local_entropy_weight=0.01, global_entropy_weight=0.1,
           # Each modality may settle on half the experts before being pushed to spread.
