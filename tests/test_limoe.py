@@ -141,7 +141,7 @@ def test_limoe_demo_trains_and_logs_utilisation(shapes_data_dir, tmp_path):
   losses = [r['train/loss'] for r in rows]
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
   last = rows[-1]
-  layers = moe.MoeSpec.make(c.model.moe.to_dict()).layer_ids(2)
+  layers = moe.MoeSpec.make(c.model.moe.to_dict()).layer_ids(c.model.depth)
   for mod in ('image', 'text'):
     use = [last[f'train/moe/layer{layers[0]}/{mod}/expert{e}'] for e in range(4)]
     np.testing.assert_allclose(sum(use), 1.0, rtol=1e-5)
