@@ -2,11 +2,11 @@
 
 XLA:CPU takes each run's temporaries from malloc, one block per run (2 GiB for a
 configs/bench_small.py train step). glibc serves a block this large with a fresh mmap and
-unmaps it when the run ends, so every step faults in all its pages again: ~530k page
-faults and ~1 CPU-second of kernel time per bench_small step on the 2-core CPU, about a
-sixth of the step's CPU time. glibc >= 2.35 maps such blocks with transparent huge pages
-when the tunable `glibc.malloc.hugetlb=1` is set (2 MiB pages: ~1.3k faults per step),
-which made that step 19% faster (BENCHMARKS.md, section 7). glibc reads tunables only when
+unmaps it when the run ends, so every step faults in all its pages again: ~507k page
+faults and 1-1.5 CPU-seconds of kernel time per bench_small step on the 2-core CPU.
+glibc >= 2.35 maps such blocks with transparent huge pages when the tunable
+`glibc.malloc.hugetlb=1` is set (2 MiB pages: ~1.2k faults per step), which made that step
+19% faster (BENCHMARKS.md, sections 1 and 7). glibc reads tunables only when
 a process starts, so `use_huge_pages()` re-executes the current command once with it set.
 
 The tools that run models (tools/train.py, eval.py, bench_*.py) call it first thing.

@@ -25,7 +25,8 @@ right shapes, and prints:
   malloc_huge_pages   whether XLA's per-step buffers get huge pages (mmcl/hostmem.py; the
                       tool re-executes itself to turn them on unless MMCL_HUGE_PAGES=0)
 `--steps 0` compiles only: no timing figures (e.g. compile time of a large config).
-`--trace DIR` also traces two steps and prints where their time went, by HLO op kind.
+`--trace DIR` also traces two steps and prints where their time went: HLO op kind and the
+model code (op_name) that made each op.
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
 AdamW step on a batch of the same shape) in the same process, when torch and open_clip are
 installed (optional: see BENCHMARKS.md), and adds `reference_examples_per_sec` and `ratio`.
