@@ -92,3 +92,10 @@ def test_bench_parts_alternates_and_reports_medians():
                               'b': lambda: (calls.append('b'), time.sleep(0.01))}, steps=3)
   assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b'] * 3  # 2 warm-ups each, then in turn.
   assert ms['b'] >= 10 > ms['a'] >= 0
+
+
+def test_bench_parts_layouts_times_each_variant_once_per_step():
+  ms = _tool('bench_parts').layouts(steps=1)
+  assert set(ms) == {'mlp_flat_tokens', 'mlp_bxl_tokens', 'attention_heads_first',
+                     'attention_flax_default'}
+  assert all(v > 0 for v in ms.values()), ms

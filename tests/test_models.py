@@ -336,3 +336,34 @@ def test_decode_variant():
       width=128, depth=4, mlp_dim=512, num_heads=4)
   with pytest.raises(ValueError, match='missing'):
     vit.ViT(variant='B')  # No patch size anywhere.
+
+
+@pytest.mark.parametrize('dtype,fp32_softmax', [(jnp.float32, False), (jnp.bfloat16, True),
+                                                (jnp.bfloat16, False)])
+@pytest.mark.parametrize('broadcast_dropout', [True, False])
+def test_heads_first_attention_equals_flax(dtype, fp32_softmax, broadcast_dropout):
+  """The towers' attention_fn is flax's dot_product_attention in another layout: same
+  values with bias, mask and dropout (same random bits), same gradients."""
+  import flax.linen as nn
+  k = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(k[0], (2, 5, 3, 8), dtype)
+  kv = jax.random.normal(k[1], (2, 2, 7, 3, 8), dtype)
+  bias = jax.random.normal(k[2], (2, 3, 5, 7), dtype)
+  mask = jax.random.bernoulli(k[3], 0.7, (2, 1, 5, 7)).at[..., 0].set(True)
+  args = dict(bias=bias, mask=mask, dropout_rng=k[4], dropout_rate=0.3, deterministic=False,
+              broadcast_dropout=broadcast_dropout, dtype=dtype,
+              force_fp32_for_softmax=fp32_softmax)
+
+  def run(fn):
+    f = lambda q, key, value: fn(q, key, value, **args).astype(jnp.float32).sum()
+    out = fn(q, kv[0], kv[1], **args)
+    return out, jax.grad(f, argnums=(0, 1, 2))(q, kv[0], kv[1])
+
+  (out, grads), (want, want_grads) = run(transformer.heads_first_attention), run(
+      nn.dot_product_attention)
+  assert out.shape == want.shape == q.shape and out.dtype == want.dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.float32(out), np.float32(want), atol=tol, rtol=tol)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(np.float32(g), np.float32(w), atol=tol, rtol=tol)
+  assert np.abs(np.float32(out)).max() > 0.1  # Not a degenerate all-dropped case.

@@ -225,6 +225,14 @@ def trace_ops(one_step, compiled, trace_dir: str, steps: int = 2, top: int = 25)
     print(f'{us / 1e3:9.1f} ms {us / total:6.1%}  {what}', file=sys.stderr)
 
 
+def import_torch_first():
+  """Imports open_clip before TensorFlow loads: torchvision's ops segfault when imported after it."""
+  try:
+    import open_clip  # noqa: F401  (torch 2.14.1 / torchvision 0.29.1 beside TF 2.21)
+  except ImportError:
+    pass
+
+
 def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict | None:
   """Seconds per AdamW train step of open_clip's bench_small CLIP, or None without torch."""
   try:
@@ -353,6 +361,8 @@ def main(argv):
     return
   if f.config is None:
     raise app.UsageError('--config is required (or --roofline).')
+  if f.reference == 'open_clip':
+    import_torch_first()
   if f.devices:  # Before the first jax import.
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={f.devices}')
