@@ -59,10 +59,10 @@ def _decoders(builder):
           if isinstance(f, tfds.features.Image)}
 
 
-def add_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
-  """Attaches a distinct stateless seed `_seed` (int64[2]) to each example."""
+def with_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+  """Pairs each example with a distinct stateless seed (int64[2]) for its random pp ops."""
   seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-  return tf.data.Dataset.zip(ds, seeds).map(lambda ex, s: {**ex, '_seed': s})
+  return tf.data.Dataset.zip(ds, seeds)
 
 
 def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
@@ -111,14 +111,18 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
                for m in members]
     ds = tf.data.Dataset.sample_from_datasets(
         members, weights=[float(w) for _, w in name], seed=seed)
-  ds = add_seeds(ds, seed + 1_000_003 * process_index)
-  ds = ds.enumerate().map(lambda i, ex: {**pp_fn(ex), '_index': i},
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # The seed joins the example inside the one parallel map: every extra per-example op
+  # (a sequential map, an enumerate) costs the pipeline ~10% (BENCHMARKS.md section 3).
+  ds = with_seeds(ds, seed + 1_000_003 * process_index)
+  process = lambda ex, s: pp_fn({**ex, '_seed': s})
+  if with_index:
+    ds = ds.enumerate().map(lambda i, ex_s: {**process(*ex_s), '_index': i},
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors()  # Records that fail to decode or preprocess are dropped.
   if shapes:
     ds = ds.filter(lambda ex: _has_shapes(ex, shapes))
-  if not with_index:
-    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != '_index'})
   if train:
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
   else:  # Keeps variable-length features (e.g. several captions per image) as ragged.
