@@ -3,8 +3,9 @@ r"""Input-pipeline throughput of a config, next to its train step's consumption:
   python tools/bench_input.py --config configs/demo.py
   python tools/bench_input.py --config configs/bench_small.py --batches 50 --nostep
 
-Times this host's tf.data pipeline alone (mmcl.data.input_pipeline.get_dataset with the
-config's dataset and pp string: read, decode, augment, tokenize, batch), as numpy batches
+Times this host's tf.data pipeline alone (mmcl.train.loop.train_dataset, the stream the
+training loop reads: the config's dataset and pp string; read, decode, augment, tokenize,
+batch, drop records of the wrong shape), as numpy batches
 with nothing consuming them: `input_examples_per_sec`, the median over `--batches` batches
 after `--warmup` (the shuffle buffer fills during the warm-up). Then, unless `--nostep`,
 the train step's consumption on this host's devices (tools/bench_step.py's measurement):
@@ -34,14 +35,9 @@ flags.mark_flags_as_required(['config'])
 def input_examples_per_sec(config, batches: int, warmup: int) -> dict:
   """This host's pipeline rate: the median over `batches` per-batch times."""
   import jax
-  from mmcl.data import input_pipeline
-  ds = input_pipeline.get_dataset(
-      name=config.input.name, split=config.input.split,
-      pp=input_pipeline.format_pp(config.input.pp, config),
-      batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
-      shuffle_buffer=config.input.shuffle_buffer, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      cache=config.input.cache)
+  from mmcl.train import loop
+  # The training loop's own stream (with one data shard per process).
+  ds = loop.train_dataset(config, config.seed, jax.process_index(), jax.process_count())
   it = ds.as_numpy_iterator()
   local = config.batch_size // jax.process_count()
   for _ in range(warmup):

@@ -94,25 +94,28 @@ def _data_shards(config) -> int:
   return shards
 
 
+def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
+  """One data shard's training stream (tf.data batches of batch_size // shards), as
+  `make_batches` reads it: records carry their `_index`, and wrong shapes are dropped."""
+  size = config.image_size
+  return input_pipeline.get_dataset(
+      name=tuple(map(tuple, config.input.mixture)) or config.input.name,
+      split=config.input.split,
+      pp=input_pipeline.format_pp(config.input.pp, config),
+      batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
+      shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
+      process_count=shards, cache=config.input.cache, with_index=True,
+      shapes={'image': (size, size, 3), 'text': (config.text_len,)})
+
+
 def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
   """The training stream: this process's data shards, assembled into global batches."""
   shards = _data_shards(config)
   per_process = shards // jax.process_count()
-  size = config.image_size
-
-  def make_dataset(shard):
-    return input_pipeline.get_dataset(
-        name=tuple(map(tuple, config.input.mixture)) or config.input.name,
-        split=config.input.split,
-        pp=input_pipeline.format_pp(config.input.pp, config),
-        batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
-        shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
-        process_count=shards, cache=config.input.cache, with_index=True,
-        shapes={'image': (size, size, 3), 'text': (config.text_len,)})
-
   first = jax.process_index() * per_process
-  return input_pipeline.ShardedBatches(make_dataset, range(first, first + per_process),
-                                       shards, mesh_lib.batch_sharding(mesh))
+  return input_pipeline.ShardedBatches(
+      lambda shard: train_dataset(config, seed, shard, shards),
+      range(first, first + per_process), shards, mesh_lib.batch_sharding(mesh))
 
 
 class _Preemption:
