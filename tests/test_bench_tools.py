@@ -99,3 +99,12 @@ def test_bench_parts_layouts_times_each_variant_once_per_step():
   assert set(ms) == {'mlp_flat_tokens', 'mlp_bxl_tokens', 'attention_heads_first',
                      'attention_flax_default'}
   assert all(v > 0 for v in ms.values()), ms
+
+
+def test_bench_input_times_the_training_stream(shapes_data_dir):
+  from configs import demo as demo_config
+  c = demo_config.get_config('tiny')
+  c.data_dir = shapes_data_dir
+  row = _tool('bench_input').input_examples_per_sec(c, batches=2, warmup=1)
+  assert row['local_batch'] == c.batch_size
+  assert row['input_examples_per_sec'] > 0 and row['input_mean_examples_per_sec'] > 0
