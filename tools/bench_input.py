@@ -23,13 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.')
-flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
-flags.DEFINE_integer('batches', 30, 'Timed batches.')
-flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
-flags.DEFINE_bool('step', True, 'Also time the train step (bench_step) for comparison.')
-flags.DEFINE_integer('steps', 5, 'Timed train steps.')
-flags.mark_flags_as_required(['config'])
+
+def define_flags():
+  """The flags of this tool (not defined on import: tests import its functions)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py.')
+  flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s batch_size).')
+  flags.DEFINE_integer('batches', 30, 'Timed batches.')
+  flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
+  flags.DEFINE_bool('step', True, 'Also time the train step (bench_step) for comparison.')
+  flags.DEFINE_integer('steps', 5, 'Timed train steps.')
+  flags.mark_flags_as_required(['config'])
 
 
 def input_examples_per_sec(config, batches: int, warmup: int) -> dict:
@@ -78,4 +81,5 @@ def main(argv):
 if __name__ == '__main__':
   from mmcl import hostmem
   hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
+  define_flags()
   app.run(main)
