@@ -54,6 +54,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
           importance_weight=0.0, load_weight=0.0,
           local_entropy_weight=0.01, global_entropy_weight=0.1,
           # Each modality may settle on half the experts before being pushed to spread.
-          global_entropy_tau=math.log(num_experts / 2)),
+          global_entropy_tau=math.log(num_experts / 2),
+          # False: text padding after EOT is not routed (see docs/limoe.md); True as run.
+          route_padding=True),
   ))
   return c

@@ -253,3 +253,32 @@ def test_sparse_towers_in_two_towers_report_aux_losses():
       out['aux_loss'], m['moe/layer1/image/importance_loss'] + m['moe/layer0/text/local_entropy_loss'],
       rtol=1e-6)
   assert not any(k.startswith(('img/moe', 'txt/moe', 'img/aux', 'txt/aux')) for k in out)
+
+
+@pytest.mark.parametrize('tower', ['limoe', 'two_towers'])
+def test_route_padding_false_leaves_text_after_eot_unrouted(tower):
+  """Causal text pooled at EOT: padding cannot reach the embedding, so without drops
+  (capacity = group) routing it or not gives the same ztxt, while the text statistics count
+  only the tokens up to EOT."""
+  moe_cfg = dict(num_experts=4, layers=[0, 1], group_size=4, capacity_factor=4.0)
+
+  def build(route_padding, style='clip'):
+    spec = dict(moe_cfg, route_padding=route_padding)
+    if tower == 'limoe':
+      return _model(moe=spec, text_style=style)
+    return models.get_model(dict(name='two_towers', embed_dim=EMBED, image=dict(variant='pico/8'),
+                                 text=dict(variant='pico', vocab_size=VOCAB, max_len=16,
+                                           style=style, moe=spec)))
+
+  image, text = _inputs()
+  text = jnp.where(jnp.arange(8)[None] < jnp.asarray([[2], [8], [3], [5]]), text, 0)
+  routed, unrouted = build(True), build(False)
+  params = jax.jit(routed.init)(jax.random.key(0), image, text)
+  _, z_all, out_all = jax.jit(routed.apply)(params, image, text)
+  _, z_eot, out_eot = jax.jit(unrouted.apply)(params, image, text)
+  np.testing.assert_allclose(z_eot, z_all, rtol=1e-5, atol=1e-6)
+  fractions = lambda out: np.array([out['metrics'][f'moe/layer0/text/expert{e}'] for e in range(4)])
+  np.testing.assert_allclose(fractions(out_eot).sum(), 1.0, rtol=1e-6)
+  assert np.abs(fractions(out_eot) - fractions(out_all)).max() > 1e-3  # Pads no longer counted.
+  with pytest.raises(ValueError, match=r'route_padding=False needs causal text pooled at EOT'):
+    build(False, style='siglip')

@@ -62,6 +62,17 @@ def test_bpr_keeps_highest_gate_tokens(bpr, want):
     assert combine[1, 0, 0] > 0 and combine[3, 0, 1] > 0
 
 
+@pytest.mark.parametrize('bpr', [False, True])
+def test_unrouted_tokens_take_no_place(bpr):
+  # All four tokens want expert 0 (capacity 2); token 0, with the highest gate, is padding.
+  gates = jnp.asarray([[[0.9, 0.1]] + [[0.6, 0.4]] * 3], jnp.float32)
+  valid = jnp.asarray([[False, True, True, True]])
+  combine, kept, _ = moe.route(gates, k=1, capacity=2, bpr=bpr, valid_GxS=valid)
+  np.testing.assert_array_equal(kept[0, :, 0], [False, True, True, False])
+  assert float(combine[0, 0].sum()) == 0  # No output for the padding token.
+  assert float(combine[0, 1, 0, 0]) > 0 and float(combine[0, 2, 0, 1]) > 0  # Slots 0 and 1.
+
+
 # ---- The whole layer against a float64 numpy loop. ----------------------------------------
 
 def _params(rng, m, e, h, scale=1.0):
@@ -87,8 +98,9 @@ def _cv2(v):
   return np.var(v, -1) / np.mean(v, -1)**2
 
 
-def _numpy_moe(p, x, noise, spec, tau, weights, train=True):
-  """Token by token: routing, buffers, experts and every aux loss from their formulas."""
+def _numpy_moe(p, x, noise, spec, tau, weights, train=True, valid=None):
+  """Token by token: routing, buffers, experts and every aux loss from their formulas.
+  `valid` [B, L]: tokens to route; the others take no place and count in no statistic."""
   b, l, m = x.shape
   e, k = spec.num_experts, spec.k
   s = spec.group_size
@@ -98,6 +110,7 @@ def _numpy_moe(p, x, noise, spec, tau, weights, train=True):
   logits = xs @ p['router']
   noisy = logits + (0 if noise is None else noise.reshape(g, s, e))
   probs, gates = _softmax(logits), _softmax(noisy)
+  w = np.ones((g, s)) if valid is None else valid.reshape(g, s).astype(float)
   y, kept_any = np.zeros_like(xs), np.zeros((g, s), bool)
   for gi in range(g):
     choice = np.argsort(-gates[gi], -1, kind='stable')[:, :k]
@@ -105,6 +118,8 @@ def _numpy_moe(p, x, noise, spec, tau, weights, train=True):
     fill = np.zeros(e, int)
     for r in range(k):  # All first choices, then all second choices.
       for t in order:
+        if not w[gi, t]:
+          continue
         ex = choice[t, r]
         if fill[ex] < cap:
           fill[ex] += 1
@@ -119,23 +134,27 @@ def _numpy_moe(p, x, noise, spec, tau, weights, train=True):
     load = np.zeros_like(gates)
     for r in range(k):
       load += np.eye(e)[np.argsort(-gates, -1, kind='stable')[..., r]]
-  mean_p = probs.reshape(-1, e).mean(0)
-  losses = {'importance_loss': _cv2(probs.sum(1)).mean(), 'load_loss': _cv2(load.mean(1)).mean(),
-            'local_entropy_loss': _entropy(probs).mean(),
+  wx = w[..., None]
+  mean_p = (probs * wx).reshape(-1, e).sum(0) / w.sum()
+  losses = {'importance_loss': _cv2((probs * wx).sum(1)).mean(),
+            'load_loss': _cv2((load * wx).sum(1) / wx.sum(1)).mean(),
+            'local_entropy_loss': (_entropy(probs) * w).sum() / w.sum(),
             'global_entropy_loss': max(0.0, tau - _entropy(mean_p))}
   losses['loss'] = sum(weights[n] * losses[n] for n in weights)
-  losses['dropped'] = 1 - kept_any.mean()
-  top1 = np.eye(e)[gates.argmax(-1)].reshape(-1, e).mean(0)
+  losses['dropped'] = ((1 - kept_any) * w).sum() / w.sum()
+  top1 = (np.eye(e)[gates.argmax(-1)] * wx).reshape(-1, e).sum(0) / w.sum()
   losses.update({f'expert{i}': top1[i] for i in range(e)})
-  return y.reshape(b, l, m), losses, ~kept_any.reshape(b, l)
+  return y.reshape(b, l, m), losses, (~kept_any & (w > 0)).reshape(b, l)
 
 
 WEIGHTS = dict(importance_weight=0.5, load_weight=0.25, local_entropy_weight=0.125,
                global_entropy_weight=2.0)
 
 
-@pytest.mark.parametrize('k,bpr,noisy', [(1, True, True), (2, False, True), (2, True, False)])
-def test_layer_and_aux_losses_match_numpy(k, bpr, noisy):
+@pytest.mark.parametrize('k,bpr,noisy,masked', [(1, True, True, False), (2, False, True, False),
+                                                (2, True, False, False), (1, True, True, True),
+                                                (2, False, False, True)])
+def test_layer_and_aux_losses_match_numpy(k, bpr, noisy, masked):
   e, b, l, m, h = 4, 4, 6, 8, 16
   rng = np.random.default_rng(k + 2 * bpr)
   spec = moe.MoeSpec.make(dict(num_experts=e, k=k, group_size=12, capacity_factor=0.75 / k,
@@ -143,13 +162,17 @@ def test_layer_and_aux_losses_match_numpy(k, bpr, noisy):
   p = _params(rng, m, e, h, scale=3.0)  # Peaked gates, so capacity overflows.
   x = rng.standard_normal((b, l, m))
   noise = 0.3 * rng.standard_normal((b, l, e)) if noisy else None
+  # Masked: rows padded after 2..6 tokens, as causal text after its EOT.
+  valid = np.arange(l)[None] < np.array([[2], [6], [3], [5]]) if masked else None
   want_y, want, want_dropped = _numpy_moe(
       p, x, noise, spec, 1.3, {f'{n}_loss': v for n, v in
-                               ((w[:-7], v) for w, v in WEIGHTS.items())})
+                               ((w[:-7], v) for w, v in WEIGHTS.items())}, valid=valid)
   with jax.enable_x64(True):
-    y, stats, dropped = jax.jit(lambda p, x, z: moe.moe_apply(
-        p, x, z, spec=spec, train=True))(p, x, noise)
+    y, stats, dropped = jax.jit(lambda p, x, z, v: moe.moe_apply(
+        p, x, z, v, spec=spec, train=True))(p, x, noise, valid)
     assert y.dtype == jnp.float64
+  if masked:  # Unrouted tokens: zero output (the residual passes), never 'dropped'.
+    assert not np.asarray(y)[~valid].any() and not np.asarray(dropped)[~valid].any()
   assert 0 < want['dropped'] < 0.5, want['dropped']  # The test exercises overflow.
   np.testing.assert_array_equal(dropped, want_dropped)
   np.testing.assert_allclose(y, want_y, rtol=1e-9, atol=1e-9)
@@ -187,8 +210,8 @@ def test_layer_placement_and_group_size():
 # ---- Expert parallelism. --------------------------------------------------------------------
 
 @pytest.mark.parametrize('shape', [(4, 2), (2, 4)])
-@pytest.mark.parametrize('k', [1, 2])
-def test_sharded_equals_unsharded(shape, k):
+@pytest.mark.parametrize('k,masked', [(1, False), (2, False), (1, True)])
+def test_sharded_equals_unsharded(shape, k, masked):
   e, b, l, m, h = 8, 16, 6, 8, 16  # 2 examples = 12 tokens = one group per device.
   rng = np.random.default_rng(k)
   spec = moe.MoeSpec.make(dict(num_experts=e, k=k, group_size=12, capacity_factor=1.0,
@@ -196,13 +219,14 @@ def test_sharded_equals_unsharded(shape, k):
   p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _params(rng, m, e, h, scale=3.0))
   x = jnp.asarray(rng.standard_normal((b, l, m)), jnp.float32)
   noise = jnp.asarray(0.2 * rng.standard_normal((b, l, e)), jnp.float32)
+  valid = jnp.arange(l)[None] < jnp.asarray(rng.integers(1, l + 1, (b, 1))) if masked else None
   mesh = jax.make_mesh(shape, ('data', 'expert'), axis_types=(AUTO, AUTO))
 
   def ref(p, x):
-    return moe.moe_apply(p, x, noise, spec=spec, train=True)
+    return moe.moe_apply(p, x, noise, valid, spec=spec, train=True)
 
   def sharded(p, x):
-    return moe.moe_sharded(p, x, noise, spec=spec, train=True, mesh=mesh)
+    return moe.moe_sharded(p, x, noise, valid, spec=spec, train=True, mesh=mesh)
 
   def value_and_grad(f):  # Gradients too: shard_map transposes the all_to_alls and psums.
     def loss(p):

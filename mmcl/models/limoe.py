@@ -62,6 +62,7 @@ class LIMoE(nn.Module):
     if self.text_pool is not None and self.text_pool not in text_lib.POOLS:
       raise ValueError(f'Unknown LIMoE text_pool {self.text_pool!r}; '
                        f'valid: {text_lib.POOLS}')
+    text_lib.routed_tokens(None, self.moe, self.text_style, self.text_pool)
     if self.temperature_init <= 0:
       raise ValueError(f'temperature_init must be > 0, got {self.temperature_init}.')
     if self.max_temperature is not None and self.max_temperature <= 0:
@@ -121,7 +122,9 @@ class LIMoE(nn.Module):
       mask = None
       if self.text_style == 'clip':
         mask = nn.make_causal_mask(jnp.ones((1, l), jnp.bool_), dtype=jnp.bool_)
-      x_BxLxD, aux = encoder(x_BxLxD, mask, deterministic=not train, modality='text')
+      x_BxLxD, aux = encoder(
+          x_BxLxD, mask, deterministic=not train, modality='text',
+          valid_BxL=text_lib.routed_tokens(text, self.moe, self.text_style, self.text_pool))
       add_aux(aux)
       pool = self.text_pool or ('eot' if self.text_style == 'clip' else 'last')
       if pool == 'map':

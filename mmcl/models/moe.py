@@ -61,6 +61,9 @@ class MoeSpec:
   local_entropy_weight: Any = 0.0
   global_entropy_weight: Any = 0.0
   global_entropy_tau: Any = None  # None: log(num_experts), i.e. always push to uniform.
+  # False: padding tokens of causal text (after its EOT) are not routed: they take no buffer
+  # place, pass through on the residual and are left out of every loss and statistic.
+  route_padding: bool = True
   expert_axis: str = 'expert'
 
   @classmethod
@@ -126,11 +129,12 @@ def group_size_for(num_tokens: int, group_size: int) -> int:
   return 1
 
 
-def route(gates_GxSxE, *, k: int, capacity: int, bpr: bool):
+def route(gates_GxSxE, *, k: int, capacity: int, bpr: bool, valid_GxS=None):
   """Top-k routing with capacity. Returns (combine_GxSxExC, kept_GxSxK, experts_GxSxK).
 
   Buffer places per expert go to every token's 1st choice before any 2nd choice; within a
-  rank, in token order, or by decreasing top-1 gate with BPR.
+  rank, in token order, or by decreasing top-1 gate with BPR. Tokens where `valid_GxS` is
+  False take no place and are never kept.
   """
   g, s, e = gates_GxSxE.shape
   vals_GxSxK, experts_GxSxK = jax.lax.top_k(gates_GxSxE, k)
@@ -142,11 +146,16 @@ def route(gates_GxSxE, *, k: int, capacity: int, bpr: bool):
   # Rank-major flattening puts all 1st choices ahead of all 2nd choices.
   onehot_GxKSxE = jax.nn.one_hot(
       jnp.swapaxes(sorted_GxSxK, 1, 2).reshape(g, k * s), e, dtype=jnp.int32)
+  if valid_GxS is not None:
+    valid_sorted_GxS = jnp.take_along_axis(valid_GxS, order_GxS, axis=1)
+    onehot_GxKSxE = onehot_GxKSxE * jnp.tile(valid_sorted_GxS, (1, k))[..., None]
   pos_GxKS = jnp.sum((jnp.cumsum(onehot_GxKSxE, axis=1) - 1) * onehot_GxKSxE, axis=-1)
   pos_sorted_GxSxK = jnp.swapaxes(pos_GxKS.reshape(g, k, s), 1, 2)
   inverse_GxS = jnp.argsort(order_GxS, axis=1)
   pos_GxSxK = jnp.take_along_axis(pos_sorted_GxSxK, inverse_GxS[..., None], axis=1)
   kept_GxSxK = pos_GxSxK < capacity
+  if valid_GxS is not None:
+    kept_GxSxK = kept_GxSxK & valid_GxS[..., None]
   weight_GxSxK = jnp.where(kept_GxSxK, vals_GxSxK, 0.0)
   combine_GxSxExC = jnp.einsum(
       'gsk,gske,gskc->gsec', weight_GxSxK,
@@ -173,10 +182,13 @@ def expert_mlp(params, x_XxExCxM, dtype):
   return y + bo.reshape(lead + (bo.shape[0], 1, -1))
 
 
-def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
-              modality: str = 'image', expert_axis: str | None = None,
+def moe_apply(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpec,
+              train: bool, modality: str = 'image', expert_axis: str | None = None,
               reduce_axes: tuple[str, ...] = ()):
   """The MoE MLP on this device's tokens. Returns (y_BxLxM, stats, dropped_BxL).
+
+  valid_BxL (bool, optional): False marks tokens not to route (padding): their output is 0,
+  and they count in no loss or statistic.
 
   params: router [M, E]; wi [E', M, H], bi [E', H], wo [E', H, M], bo [E', M], where
   E' = E / (size of `expert_axis`) inside a shard_map, else E. `reduce_axes`: the mesh
@@ -195,8 +207,9 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
   if noise_BxLxE is not None:
     noisy_GxSxE = logits_GxSxE + noise_BxLxE.reshape(g, s, e).astype(rdt)
   gates_GxSxE = jax.nn.softmax(noisy_GxSxE)
+  valid_GxS = None if valid_BxL is None else valid_BxL.reshape(g, s)
   combine_GxSxExC, kept_GxSxK, experts_GxSxK = route(
-      gates_GxSxE, k=spec.k, capacity=c, bpr=spec.bpr)
+      gates_GxSxE, k=spec.k, capacity=c, bpr=spec.bpr, valid_GxS=valid_GxS)
 
   dtype = x_BxLxM.dtype
   dispatch_GxSxExC = (combine_GxSxExC > 0).astype(dtype)
@@ -209,6 +222,11 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
     out_GxExCxM = jax.lax.all_to_all(out_NGxElxCxM, expert_axis, 0, 1, tiled=True)
   y_GxSxM = jnp.einsum('gsec,gecm->gsm', combine_GxSxExC.astype(dtype), out_GxExCxM)
   dropped_GxS = ~jnp.any(kept_GxSxK, axis=-1)
+  w_GxS = jnp.ones((g, s), rdt)  # Which tokens the statistics count.
+  if valid_GxS is not None:
+    dropped_GxS = dropped_GxS & valid_GxS
+    w_GxS = valid_GxS.astype(rdt)
+  w_GxSx1 = w_GxS[..., None]
 
   # Statistics: sums over this device's tokens/groups, then over the batch axes.
   topk_GxSxE = jnp.sum(jax.nn.one_hot(experts_GxSxK, e), axis=2)
@@ -219,19 +237,20 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
     load_GxSxE = 1.0 - jax.scipy.stats.norm.cdf((kth_GxS[..., None] - logits_GxSxE) / std)
   else:
     load_GxSxE = topk_GxSxE  # Observed selections: a diagnostic without gradient.
+  counted_Gx1 = jnp.maximum(jnp.sum(w_GxSx1, axis=1), 1.0)
   sums = {
-      'importance_loss': jnp.sum(_cv2(jnp.sum(probs_GxSxE, axis=1))),
-      'load_loss': jnp.sum(_cv2(jnp.mean(load_GxSxE, axis=1))),
+      'importance_loss': jnp.sum(_cv2(jnp.sum(probs_GxSxE * w_GxSx1, axis=1))),
+      'load_loss': jnp.sum(_cv2(jnp.sum(load_GxSxE * w_GxSx1, axis=1) / counted_Gx1)),
       'groups': jnp.asarray(g, jnp.float32),
-      'tokens': jnp.asarray(g * s, jnp.float32),
-      'entropy': jnp.sum(entropy(probs_GxSxE)),
+      'tokens': jnp.sum(w_GxS),
+      'entropy': jnp.sum(entropy(probs_GxSxE) * w_GxS),
       'dropped': jnp.sum(dropped_GxS.astype(jnp.float32)),
-      'mean_probs': jnp.sum(probs_GxSxE, axis=(0, 1)),
-      'top1': jnp.sum(jax.nn.one_hot(experts_GxSxK[..., 0], e), axis=(0, 1)),
+      'mean_probs': jnp.sum(probs_GxSxE * w_GxSx1, axis=(0, 1)),
+      'top1': jnp.sum(jax.nn.one_hot(experts_GxSxK[..., 0], e) * w_GxSx1, axis=(0, 1)),
   }
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
-  n = sums['tokens']
+  n = jnp.maximum(sums['tokens'], 1.0)
   mean_probs_E = sums['mean_probs'] / n
   stats = {
       'importance_loss': sums['importance_loss'] / sums['groups'],
@@ -259,8 +278,8 @@ def ambient_expert_mesh(expert_axis: str):
   return mesh
 
 
-def moe_sharded(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool,
-                modality: str = 'image', mesh=None):
+def moe_sharded(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpec,
+                train: bool, modality: str = 'image', mesh=None):
   """`moe_apply` over a mesh with an expert axis: one shard_map, all_to_all dispatch."""
   ax = spec.expert_axis
   n = mesh.shape[ax]
@@ -269,11 +288,14 @@ def moe_sharded(params, x_BxLxM, noise_BxLxE=None, *, spec: MoeSpec, train: bool
                      f'of mesh axis {ax!r}; use a multiple of {n}.')
   batch = tuple(a for a in mesh.axis_names if a in mesh_lib.BATCH_AXES)
   expert_specs = {'router': P(), 'wi': P(ax), 'bi': P(ax), 'wo': P(ax), 'bo': P(ax)}
-  fn = lambda p, x, z: moe_apply(  # pylint: disable=g-long-lambda
-      p, x, z, spec=spec, train=train, modality=modality, expert_axis=ax, reduce_axes=batch)
+  fn = lambda p, x, z, v: moe_apply(  # pylint: disable=g-long-lambda
+      p, x, z, v, spec=spec, train=train, modality=modality, expert_axis=ax,
+      reduce_axes=batch)
+  optional = lambda a: None if a is None else P(batch)
   return jax.shard_map(
-      fn, mesh=mesh, in_specs=(expert_specs, P(batch), None if noise_BxLxE is None else P(batch)),
-      out_specs=(P(batch), P(), P(batch)))(params, x_BxLxM, noise_BxLxE)
+      fn, mesh=mesh,
+      in_specs=(expert_specs, P(batch), optional(noise_BxLxE), optional(valid_BxL)),
+      out_specs=(P(batch), P(), P(batch)))(params, x_BxLxM, noise_BxLxE, valid_BxL)
 
 
 class MoeMlp(nn.Module):
@@ -283,7 +305,8 @@ class MoeMlp(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxM, *, train: bool = False, modality: str = 'image'):
+  def __call__(self, x_BxLxM, *, train: bool = False, modality: str = 'image',
+               valid_BxL=None):
     spec = MoeSpec.make(self.spec)
     m, e = x_BxLxM.shape[-1], spec.num_experts
     h = spec.mlp_dim or self.mlp_dim or 4 * m
@@ -307,9 +330,10 @@ class MoeMlp(nn.Module):
       noise = std * jax.random.normal(self.make_rng('dropout'), x_BxLxM.shape[:-1] + (e,))
     mesh = ambient_expert_mesh(spec.expert_axis)
     if mesh is None:
-      y, stats, _ = moe_apply(params, x_BxLxM, noise, spec=spec, train=train, modality=modality)
+      y, stats, _ = moe_apply(params, x_BxLxM, noise, valid_BxL, spec=spec, train=train,
+                              modality=modality)
     else:
-      y, stats, _ = moe_sharded(params, x_BxLxM, noise, spec=spec, train=train,
+      y, stats, _ = moe_sharded(params, x_BxLxM, noise, valid_BxL, spec=spec, train=train,
                                 modality=modality, mesh=mesh)
     return y, stats
 
@@ -323,7 +347,8 @@ class MoeEncoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True, modality: str = 'image'):
+  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True, modality: str = 'image',
+               valid_BxL=None):
     ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE)
     y = ln()(x_BxLxD)
     y = transformer._attention(self.num_heads, self.dtype)(  # pylint: disable=protected-access
@@ -331,7 +356,7 @@ class MoeEncoderBlock(nn.Module):
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x_BxLxD = x_BxLxD + y
     y, stats = MoeMlp(spec=self.spec, mlp_dim=self.mlp_dim, dtype=self.dtype, name='moe')(
-        ln()(x_BxLxD), train=not deterministic, modality=modality)
+        ln()(x_BxLxD), train=not deterministic, modality=modality, valid_BxL=valid_BxL)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return x_BxLxD + y, stats
 
@@ -352,7 +377,8 @@ class MoeEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True,
-               modality: str = 'image'):
+               modality: str = 'image', valid_BxL=None):
+    """`valid_BxL`: see `moe_apply` (tokens the MoE layers do not route)."""
     if modality not in MODALITIES:
       raise ValueError(f'Unknown modality {modality!r}; valid: {MODALITIES}')
     spec = MoeSpec.make(self.moe)
@@ -367,7 +393,7 @@ class MoeEncoder(nn.Module):
       name = f'encoderblock_{i}'
       if i in moe_ids:
         x_BxLxD, stats = moe_cls(spec=spec, name=name, **kw)(
-            x_BxLxD, mask, deterministic, modality)
+            x_BxLxD, mask, deterministic, modality, valid_BxL)
         loss = loss + stats.pop('loss')
         metrics.update({f'moe/layer{i}/{modality}/{k}': v for k, v in stats.items()})
       else:

@@ -37,6 +37,22 @@ def eot_index(text_BxL):
   return jnp.max(jnp.where(text_BxL != PAD_ID, pos_1xL, 0), axis=1)
 
 
+def routed_tokens(text_BxL, moe, style: str, pool: str | None):
+  """Which text tokens MoE layers route: None (all), or with `route_padding=False` in the
+  MoE spec, each row's tokens up to its EOT. Padding after EOT cannot reach the output only
+  of causal text pooled at EOT, so other styles and pools are refused."""
+  if moe is None or moe_lib.MoeSpec.make(moe).route_padding:
+    return None
+  if style != 'clip' or (pool or 'eot') != 'eot':
+    raise ValueError(
+        f'MoE route_padding=False needs causal text pooled at EOT (style="clip", pool="eot" '
+        f'or None); got style={style!r}, pool={pool!r}: there padding reaches the output.')
+  if text_BxL is None:  # Validation only.
+    return None
+  _, l = text_BxL.shape
+  return jnp.arange(l)[None, :] <= eot_index(text_BxL)[:, None]
+
+
 def at_positions(x_BxLxD, index_B):
   """x[b, index[b]] per row. take_along_axis keeps rows on their devices under data
   parallelism; fancy indexing x[arange(B), index] made GSPMD all-gather the indices and
@@ -100,6 +116,7 @@ class TextTransformer(nn.Module):
         raise ValueError('Text act/ln_eps are for dense towers only (moe is set).')
       if self.scan:
         raise ValueError('Text scan=True is for dense towers only (moe is set).')
+      routed_tokens(None, self.moe, self.style, self.pool)
     if self.style not in STYLES:
       raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
     if self.pool is not None and self.pool not in POOLS:
@@ -146,7 +163,8 @@ class TextTransformer(nn.Module):
           depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
           num_heads=hp['num_heads'], dropout=self.dropout, remat=self.remat,
           dtype=dtype, name='Transformer')(
-              x_BxLxD, mask, deterministic=not train, modality='text')
+              x_BxLxD, mask, deterministic=not train, modality='text',
+              valid_BxL=routed_tokens(text_BxL, self.moe, self.style, self.pool))
       out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxLxD
 
