@@ -48,8 +48,8 @@ def heads_first_attention(query, key, value, bias=None, mask=None, broadcast_dro
   axis before the length axis: [..., L, H, Dh] inputs are swapped to [..., H, L, Dh] first.
 
   Why: XLA:CPU then runs the score and value matmuls and their gradients as plain batched
-  matmuls instead of transposing in the backward pass: +2% on bench_small's step
-  (BENCHMARKS.md section 7). On TPU the layouts are the compiler's choice either way.
+  matmuls instead of transposing in the backward pass: two attention sub-blocks 263 vs 280 ms
+  (`tools/bench_parts.py --layouts`, BENCHMARKS.md section 7). On TPU the layouts are the compiler's choice either way.
   """
   dtype = dtype or query.dtype
   query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
@@ -97,8 +97,8 @@ class MlpBlock(nn.Module):
     dense = lambda n: nn.Dense(  # pylint: disable=g-long-lambda
         n, dtype=self.dtype, param_dtype=PARAM_DTYPE,
         kernel_init=_KERNEL_INIT, bias_init=_MLP_BIAS_INIT)
-    # Tokens flattened to one axis: the weight gradient is then a plain 2-D matmul, which
-    # XLA:CPU runs ~2x faster than the [B, L] contraction (BENCHMARKS.md section 7).
+    # Tokens flattened to one axis: the weight gradient is then a plain 2-D matmul, where the
+    # [B, L] contraction made XLA:CPU transpose first (`tools/bench_parts.py --layouts`).
     x_NxD = x_BxLxD.reshape(-1, d)
     x_NxF = ACTIVATIONS[self.act](dense(self.mlp_dim or 4 * d)(x_NxD))
     x_NxF = nn.Dropout(rate=self.dropout)(x_NxF, deterministic)
