@@ -28,8 +28,8 @@ class Predictor:
     def embed_texts(params, tokens):
       return model.apply({'params': params}, None, tokens, train=False)[1]
 
-    self._images = jax.jit(embed_images, in_shardings=(None, sharding), out_shardings=sharding)
-    self._texts = jax.jit(embed_texts, in_shardings=(None, sharding), out_shardings=sharding)
+    self.image_fn = jax.jit(embed_images, in_shardings=(None, sharding), out_shardings=sharding)
+    self.text_fn = jax.jit(embed_texts, in_shardings=(None, sharding), out_shardings=sharding)
     self._memo_params, self._memo = None, {}
 
   def memo(self, params, key, compute):
@@ -73,10 +73,10 @@ class Predictor:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
   def images(self, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return self._run(self._images, params, images, batch_size)
+    return self._run(self.image_fn, params, images, batch_size)
 
   def texts(self, params, tokens: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    return self._run(self._texts, params, tokens, batch_size)
+    return self._run(self.text_fn, params, tokens, batch_size)
 
 
 def topk_correct(logits_NxC: np.ndarray, labels_N: np.ndarray, k: int) -> np.ndarray:

@@ -4,6 +4,7 @@ import functools
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from mmcl.losses import registry
 from mmcl.losses.registry import LossContext, get_loss
 from mmcl.parallel import mesh as mesh_lib
 
@@ -20,6 +21,7 @@ def make_loss_fn(name: str, impl: str, mesh: Mesh, *, chunk: int = 1024, **optio
   spec = get_loss(name, impl)
   axes = mesh_lib.batch_axes(mesh)
 
+  @registry.loss_precision
   def local(zimg, ztxt, scale, bias, extras, axis_names):
     ctx = LossContext(scale=scale, bias=bias, axis_names=axis_names, impl=impl,
                       chunk=chunk, options=options, extras=extras)

@@ -22,6 +22,18 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ('global', 'gather', 'ring')
+# Every loss computes its logits at full float32 matmul precision: TPUs round a default-
+# precision matmul's inputs to bf16, which with a logit scale of 100 moves logits by ~0.1
+# (BENCHMARKS.md section 5). A loss need not ask for it: the driver traces it under this.
+PRECISION = 'highest'
+
+
+def loss_precision(fn: Callable) -> Callable:
+  """`fn` traced with every matmul at `PRECISION` (also backward passes traced later)."""
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision(PRECISION):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from mmcl.losses import registry
 from mmcl.losses.rows import RowLoss
 
 
@@ -163,6 +164,7 @@ def ring_stats(spec: RowLoss, q_bxD, k_bxD, scale, bias, pos_b, *,
     totals = forward(q, k, scale, bias, pos)
     return totals, (q, k, scale, bias, pos, totals)
 
+  @registry.loss_precision
   def bwd(res, g):
     q, k, scale, bias, pos, (row_total, col_total) = res
     g_row, g_col = g

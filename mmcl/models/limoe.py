@@ -82,7 +82,8 @@ class LIMoE(nn.Module):
     encoder = moe_lib.MoeEncoder(
         depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
         dropout=self.dropout, remat=self.remat, dtype=dtype, name='Transformer')
-    head = lambda name: nn.Dense(self.embed_dim, dtype=dtype, param_dtype=pdt, name=name)
+    head = lambda name: nn.Dense(self.embed_dim, dtype=transformer.HEAD_DTYPE, param_dtype=pdt,
+                                 precision=transformer.HEAD_PRECISION, name=name)
     out = {'aux_loss': jnp.zeros((), jnp.float32), 'metrics': {}}
 
     def add_aux(aux):

@@ -1,8 +1,15 @@
-"""Collectives in a compiled step's HLO text, with their sizes: the communication check.
+"""Logical collectives of a compiled step, with their sizes: the communication check.
 
 `collectives(compiled)` lists every all-reduce, all-gather, reduce-scatter, all-to-all and
-collective-permute of an executable (`jax.jit(f).lower(...).compile()` or its `as_text()`).
-Sizes are per device, in bytes:
+collective-permute of an executable (`jax.jit(f).lower(...).compile()` or its `as_text()`)
+as it executes, not as its text shows it:
+  - an asynchronous pair (`*-start` / `*-done`) is one collective;
+  - the TPU compiler splits one asynchronous collective over several fusions
+    ("async collective fusion": a start, continuations, a done, all holding a copy of the
+    op with the same `chain_id`): the chain is one collective;
+  - a collective in a while loop's body (the ring loss, scanned layers) executes once per
+    iteration: `executions` is the product of the enclosing loops' known trip counts.
+Sizes are per device and per execution, in bytes:
   - `bytes`: the logical array the collective works on: the all-reduced operand, the
     gathered result, the reduce-scattered input (result x group size), the all-to-all or
     permuted operand. Summed over a step this is what an analytic count predicts
@@ -19,6 +26,7 @@ import math
 import re
 
 import jax
+import numpy as np
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 'f16': 16,
@@ -28,16 +36,22 @@ _OP_RE = re.compile(r'^\s*(?:ROOT\s+)?%?(\S+)\s*=\s*(.*?)\s(' + '|'.join(KINDS) 
                     r')(-start)?\(')
 _SHAPE_RE = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
 _META_RE = re.compile(r'op_name="([^"]*)"')
+_HEADER_RE = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+_CALL_RE = re.compile(r'\b(calls|to_apply|body|condition|branch_computations)='
+                      r'(\{[^}]*\}|%?[\w.\-]+)')
+_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
   kind: str  # One of KINDS.
-  name: str  # The HLO instruction name.
+  name: str  # The HLO instruction name (of the chain's first piece).
   shapes: tuple[tuple[str, tuple[int, ...]], ...]  # Result leaves: (dtype, dims).
   group_size: int  # Devices in each replica group.
-  bytes: int  # Logical bytes per device (see the module docstring).
+  bytes: int  # Logical bytes per device and execution (see the module docstring).
   op_name: str  # JAX's op_name metadata: where in the program it came from.
+  executions: int = 1  # Per step: the trip counts of the enclosing while loops.
+  group: tuple[int, ...] = ()  # The first replica group (logical device ids), if printed.
 
   @property
   def wire_bytes(self) -> float:
@@ -55,72 +69,151 @@ def _leaf_bytes(dtype: str, dims: tuple[int, ...]) -> int:
   return math.prod(dims) * _BITS.get(dtype, 8) // 8
 
 
-def _group_size(line: str, num_devices: int | None) -> int:
-  """Devices per replica group, from any of the forms XLA prints."""
+def _iota_groups(groups: int, size: int, dims: str, perm: str | None) -> np.ndarray:
+  ids = np.arange(groups * size).reshape([int(d) for d in dims.split(',')])
+  if perm:
+    ids = ids.transpose([int(p) for p in perm.split(',')])
+  return ids.reshape(groups, size)
+
+
+def _first_group(line: str, num_devices: int | None) -> tuple[int, ...]:
+  """The first replica group's logical device ids, from any of the forms XLA prints."""
   m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)  # {{0,1,2,3},{4,5,6,7}}
   if m:
-    return len(m.group(1).split(','))
-  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)  # Iota: [groups, size]<=[n]
+    return tuple(int(i) for i in m.group(1).split(','))
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', line)
+  if m:  # Iota: [groups, size]<=[dims]T(perm)
+    return tuple(int(i) for i in _iota_groups(int(m.group(1)), int(m.group(2)),
+                                              m.group(3), m.group(4))[0])
+  m = re.search(r'source_target_pairs=\{((?:\{[\d,]*\},?)*)\}', line)  # collective-permute
   if m:
-    return int(m.group(2))
+    return tuple(sorted({int(i) for i in re.findall(r'\d+', m.group(1))}))
+  return ()
+
+
+def _group_size(line: str, num_devices: int | None) -> int:
+  """Devices per replica group, from any of the forms XLA prints."""
   m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=8] {'a'}
   if m:
     sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-  m = re.search(r'source_target_pairs=\{((?:\{[\d,]*\},?)*)\}', line)  # collective-permute
-  if m:
-    return len(set(re.findall(r'\d+', m.group(1))))
+  group = _first_group(line, num_devices)
+  if group:
+    return len(group)
   if num_devices is None:
     raise ValueError(f'No replica groups in {line[:200]!r}; pass num_devices.')
   return num_devices  # replica_groups={}: every device.
 
 
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+  """{computation name: its instruction lines}, and the entry's name. Lines outside any
+  computation (an HLO snippet) form an entry of their own."""
+  comps, entry, current = {'': []}, '', ''
+  for line in text.splitlines():
+    m = _HEADER_RE.match(line)
+    if m and not line[:1].isspace():
+      current = m.group(2)
+      comps[current] = []
+      if m.group(1):
+        entry = current
+      continue
+    comps[current].append(line)
+  return comps, entry
+
+
+def _executions(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
+  """How many times each computation runs per execution of the entry."""
+  calls = collections.defaultdict(list)  # callee -> [(caller, times per caller run)]
+  for caller, lines in comps.items():
+    for line in lines:
+      trips = _TRIP_RE.search(line)
+      for how, callees in _CALL_RE.findall(line):
+        times = int(trips.group(1)) if how == 'body' and trips else 1
+        for callee in re.findall(r'[\w.\-]+', callees):
+          calls[callee].append((caller, times))
+  memo = {}
+
+  def runs(name, seen=()):
+    if name == entry or name not in calls or name in seen:
+      return 1
+    if name not in memo:
+      memo[name] = max(1, sum(runs(c, seen + (name,)) * t for c, t in calls[name]))
+    return memo[name]
+  return {name: runs(name) for name in comps}
+
+
 def collectives(compiled_or_text, num_devices: int | None = None,
                 keep_trivial: bool = False) -> list[Collective]:
-  """Every collective in the HLO, in program order (async pairs counted once, at -start).
+  """Every logical collective in the HLO, in program order (see the module docstring).
 
   Collectives over groups of one device move nothing (a one-device mesh keeps them) and are
   left out unless `keep_trivial`.
   """
   text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
-  found = []
-  for line in text.splitlines():
-    m = _OP_RE.match(line)
-    if not m:
-      continue
-    name, result_type, kind, start = m.groups()
-    shapes = tuple((dt, tuple(int(d) for d in dims.split(',') if d))
-                   for dt, dims in _SHAPE_RE.findall(result_type))
-    if start and kind != 'all-reduce':
-      shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results.
-    group = _group_size(line, num_devices)
-    if group == 1 and not keep_trivial:
-      continue
-    size = sum(_leaf_bytes(dt, dims) for dt, dims in shapes)
-    if kind == 'reduce-scatter':
-      size *= group
-    meta = _META_RE.search(line)
-    found.append(Collective(kind, name, shapes, group, size, meta.group(1) if meta else ''))
+  comps, entry = _computations(text)
+  runs = _executions(comps, entry)
+  found, chains = [], {}
+  for comp, lines in comps.items():
+    for line in lines:
+      m = _OP_RE.match(line)
+      if not m:
+        continue
+      name, result_type, kind, start = m.groups()
+      shapes = tuple((dt, tuple(int(d) for d in dims.split(',') if d))
+                     for dt, dims in _SHAPE_RE.findall(result_type))
+      if start and kind != 'all-reduce':
+        shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results.
+      group = _group_size(line, num_devices)
+      if group == 1 and not keep_trivial:
+        continue
+      size = sum(_leaf_bytes(dt, dims) for dt, dims in shapes)
+      if kind == 'reduce-scatter':
+        size *= group
+      meta = _META_RE.search(line)
+      c = Collective(kind, name, shapes, group, size, meta.group(1) if meta else '',
+                     runs[comp], _first_group(line, num_devices))
+      chain = re.search(r'chain_id="(\d+)"', line)
+      if chain:  # One piece of a collective split over fusions: count the chain once.
+        key = (kind, chain.group(1))
+        if key in chains:
+          i = chains[key]
+          found[i] = dataclasses.replace(found[i], executions=max(found[i].executions,
+                                                                  c.executions))
+          continue
+        chains[key] = len(found)
+      found.append(c)
   return found
 
 
+def mesh_axes(c: Collective, mesh) -> tuple[str, ...]:
+  """The mesh axes a collective's replica group spans (logical ids index `mesh.devices`)."""
+  if not c.group:
+    return tuple(mesh.axis_names) if c.group_size == mesh.size else ()
+  coords = np.array(np.unravel_index(np.array(c.group), mesh.devices.shape))
+  return tuple(a for a, row in zip(mesh.axis_names, coords) if len(set(row)) > 1)
+
+
 def summary(colls: list[Collective]) -> dict[str, dict[str, float]]:
-  """{kind: {'count', 'bytes', 'wire_bytes'}} over the kinds present."""
-  out = collections.defaultdict(lambda: {'count': 0, 'bytes': 0, 'wire_bytes': 0.0})
+  """{kind: {'count', 'executions', 'bytes', 'wire_bytes'}} per step, over the kinds present
+  (`count`: logical collectives in the program; bytes: summed over executions)."""
+  out = collections.defaultdict(
+      lambda: {'count': 0, 'executions': 0, 'bytes': 0, 'wire_bytes': 0.0})
   for c in colls:
     row = out[c.kind]
     row['count'] += 1
-    row['bytes'] += c.bytes
-    row['wire_bytes'] += c.wire_bytes
+    row['executions'] += c.executions
+    row['bytes'] += c.bytes * c.executions
+    row['wire_bytes'] += c.wire_bytes * c.executions
   return {k: dict(v) for k, v in out.items()}
 
 
-def format_table(colls: list[Collective]) -> str:
-  """One line per collective: kind, bytes, group, leaves, source op."""
-  lines = [f'{"kind":<19} {"bytes":>12} {"group":>5} {"leaves":>6}  op']
+def format_table(colls: list[Collective], mesh=None) -> str:
+  """One line per logical collective: kind, bytes, executions, group, mesh axes, source."""
+  lines = [f'{"kind":<19} {"bytes":>13} {"x":>5} {"group":>5} {"axes":<14} {"leaves":>6}  op']
   for c in colls:
-    lines.append(f'{c.kind:<19} {c.bytes:>12,} {c.group_size:>5} {len(c.shapes):>6}  '
-                 f'{c.op_name[-70:]}')
+    axes = ','.join(mesh_axes(c, mesh)) if mesh is not None else ''
+    lines.append(f'{c.kind:<19} {c.bytes:>13,} {c.executions:>5} {c.group_size:>5} '
+                 f'{axes:<14} {len(c.shapes):>6}  {c.op_name[-60:]}')
   return '\n'.join(lines)
 
 

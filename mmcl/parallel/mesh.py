@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import math
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # 'data' and 'fsdp' both shard the batch; 'fsdp' also shards parameters and optimizer
@@ -50,11 +51,29 @@ def mesh_shape(mesh_config: Sequence[tuple[str, int]], num_devices: int) -> dict
 
 
 def create_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The mesh of `config.mesh` over `devices` (default: every device of every process).
+
+  Devices may come from any backend, including a TPU topology description (tools/compile.py).
+  Devices of several slices (multi-slice TPU: `slice_index` differs) are laid out with the
+  slices along the first batch axis, so only that axis's collectives cross the slower
+  data-centre network (DCN); every other axis stays within a slice's ICI.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(
-      tuple(shape.values()), tuple(shape.keys()),
-      axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()), axis_types=axis_types,
+                         devices=devices)
+  outer = next((a for a in shape if a in BATCH_AXES), None)
+  if outer is None or shape[outer] % slices:
+    raise ValueError(
+        f'{slices} slices need a batch axis ({BATCH_AXES}) whose size divides by {slices} to '
+        f'span them; config.mesh={list(map(tuple, mesh_config))} resolves to {shape}.')
+  dcn = tuple(slices if a == outer else 1 for a in shape)
+  ici = tuple(n // slices if a == outer else n for a, n in shape.items())
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+  return Mesh(grid, tuple(shape.keys()), axis_types=axis_types)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -1,0 +1,252 @@
+"""What a config's step costs on given devices, from the compiler itself: the fit report.
+
+`report(config, devices)` compiles the real train step (and the evaluators' embedding
+steps) of `config` for `devices` (a TPU topology's, see mmcl.parallel.topology, or the
+local ones) without running anything, and returns per-chip figures:
+  - memory: parameters, optimizer state and batch (from their shardings), the compiler's
+    temporaries and generated code, the peak (arguments + outputs - donated aliases +
+    temporaries + code), the chip's capacity and the margin left; when the compiler
+    refuses for memory, the figure it asked for and what would reduce it;
+  - communication: every logical collective (mmcl.parallel.hlo) with its mesh axes, bytes
+    and executions per step, the total wire bytes per chip beside the analytic minimum of
+    the config's parallelism (gradient reduction, FSDP gathers, the loss's exchange);
+  - compute: FLOPs per chip from `cost_analysis()`, the analytic model FLOPs, lower
+    bounds on the step time from the chip's peaks (compute, HBM, ICI, DCN) and the MFU the
+    largest bound implies.
+"""
+import math
+import re
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmcl.models import flops as flops_lib
+from mmcl.parallel import hlo
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.parallel import topology
+from mmcl.train import loop
+
+_OOM_RE = re.compile(r'RESOURCE_EXHAUSTED|Ran out of memory', re.I)
+_GIGS_RE = re.compile(r'\(([\d.]+)([KMGT])\)')
+_UNIT = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def per_chip_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (ShapeDtypeStructs) under `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def memory(compiled) -> dict:
+  """Per-device bytes of a compiled program, as its memory_analysis() assigns them."""
+  m = compiled.memory_analysis()
+  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+          m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+  return dict(argument_bytes=int(m.argument_size_in_bytes),
+              output_bytes=int(m.output_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+              temp_bytes=int(m.temp_size_in_bytes),
+              code_bytes=int(m.generated_code_size_in_bytes), peak_bytes=int(peak))
+
+
+def oom_figures(message: str) -> dict:
+  """{'required_bytes', 'available_bytes'} from the TPU compiler's out-of-memory error."""
+  sizes = [float(n) * _UNIT[u] for n, u in _GIGS_RE.findall(message)]
+  out = {}
+  if len(sizes) >= 2:
+    out['required_bytes'], out['available_bytes'] = int(sizes[0]), int(sizes[1])
+  return out
+
+
+def _advice(config, state_bytes: int, replicated_state_bytes: int, local_batch: int) -> list:
+  """What would reduce a step's memory, most effective first, for this config."""
+  tips = []
+  axes = dict(map(tuple, config.mesh))
+  if replicated_state_bytes > 0.2 * state_bytes and 'fsdp' not in axes:
+    tips.append(f"an 'fsdp' mesh axis, e.g. config.mesh=(('data', -1), ('fsdp', 16)): "
+                f'{replicated_state_bytes / 2**30:.2f} GiB of parameters and optimizer state '
+                'are replicated on every chip now')
+  if str(config.model.get('remat', 'none')) in ('none', 'False'):
+    tips.append("config.model.remat='full' (or 'dots'): recompute activations in the "
+                'backward pass instead of keeping them')
+  if config.get('accum_steps', 1) == 1 and local_batch > 1:
+    tips.append(f'config.accum_steps=k: GradCache micro-batches of {local_batch}/k examples '
+                'per chip, the same gradient')
+  if config.loss.impl == 'gather':
+    tips.append("config.loss.impl='ring': O(b) loss memory instead of b x B logit blocks")
+  if config.optim.get('mu_dtype') in (None, 'float32'):
+    tips.append("config.optim.mu_dtype='bfloat16': Adam's first moment in half the bytes")
+  tips.append('a smaller config.batch_size (fewer examples per chip)')
+  return tips
+
+
+def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
+  """Least wire bytes per chip per step for the config's parallelism (ring algorithms):
+  each gradient reduced over the batch axes it is replicated on (all-reduce, or reduce-
+  scatter over 'fsdp' plus an all-reduce of the shard over the rest), each FSDP-sharded
+  parameter all-gathered once, and the loss's embedding exchange ('gather': each
+  embedding's all-gather and its gradient's reduce-scatter). None for what it cannot count
+  (the ring's permutes, MoE all-to-alls)."""
+  mesh = s.mesh
+  batch_axes = mesh_lib.batch_axes(mesh)
+  params = s.abstract_state['params']
+  shardings = s.state_sharding['params']
+  grads = gathers = 0.0
+  for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    full = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    spec_axes = {a for entry in sharding.spec if entry
+                 for a in (entry if isinstance(entry, tuple) else (entry,))}
+    sharded = math.prod(mesh.shape[a] for a in spec_axes)
+    reduce_over = math.prod(mesh.shape[a] for a in batch_axes if a not in spec_axes)
+    fsdp = math.prod(mesh.shape[a] for a in spec_axes if a in batch_axes)
+    if fsdp > 1:  # Gathered for use, its gradient reduce-scattered back.
+      gathers += (fsdp - 1) / fsdp * full / (sharded / fsdp)
+      grads += (fsdp - 1) / fsdp * full / (sharded / fsdp)
+    if reduce_over > 1:
+      grads += 2 * (reduce_over - 1) / reduce_over * full / sharded
+  n = mesh_lib.num_batch_shards(mesh)
+  exchange = None
+  if config.loss.impl != 'ring':
+    directions = 1 if config.loss.name == 'sigmoid' else 2  # SigLIP gathers texts only.
+    embed = config.model.get('embed_dim', 512)
+    exchange = directions * 2 * (n - 1) / n * config.batch_size * embed * 4
+  total = (None if exchange is None or config.model.name == 'limoe' else
+           grads + gathers + exchange)
+  return dict(gradients=grads, fsdp_gathers=gathers, loss_exchange=exchange, total=total)
+
+
+def _dcn_wire(c: hlo.Collective, mesh) -> float:
+  """The part of a collective's wire bytes that crosses slices (hierarchical algorithm:
+  within each slice first, then a ring over the slices of 1/(devices per slice) of it)."""
+  flat = mesh.devices.flat
+  ids = c.group or range(c.group_size)
+  slices = len({getattr(flat[i], 'slice_index', 0) for i in ids})
+  if slices == 1:
+    return 0.0
+  per_slice = c.group_size / slices
+  factor = 2 * (slices - 1) / slices if c.kind == 'all-reduce' else (slices - 1) / slices
+  return factor * c.bytes / per_slice
+
+
+def _compile(fn, *args):
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = True,
+           hlo_dir: str | None = None) -> dict:
+  """The fit report of `config` on `devices` (module docstring); never raises for memory."""
+  s = loop.setup(config, devices)
+  mesh = s.mesh
+  device = mesh.devices.flat[0]
+  chip = topology.chip_of(device)
+  state = s.sharded_abstract_state()
+  local_batch = config.batch_size // mesh_lib.num_batch_shards(mesh)
+  params_b = per_chip_bytes(s.abstract_state['params'], s.state_sharding['params'])
+  opt_b = per_chip_bytes(s.abstract_state['opt'], s.state_sharding['opt'])
+  state_b = per_chip_bytes(s.abstract_state, s.state_sharding)
+  replicated = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x, sh in zip(jax.tree.leaves(s.abstract_state),
+                                    jax.tree.leaves(s.state_sharding))
+                   if sh.is_fully_replicated)
+  batch_b = per_chip_bytes(s.batch_shapes, {k: v.sharding for k, v in s.batch_shapes.items()})
+  out = dict(devices=mesh.size, device_kind=device.device_kind,
+             mesh={k: int(v) for k, v in mesh.shape.items()},
+             slices=len({getattr(d, 'slice_index', 0) for d in mesh.devices.flat}),
+             batch=config.batch_size, local_batch=local_batch,
+             memory=dict(params_bytes=params_b, opt_bytes=opt_b, batch_bytes=batch_b,
+                         capacity_bytes=int(chip.hbm_bytes) if chip else None))
+  try:
+    with jax.set_mesh(mesh):  # MoE dispatch finds its 'expert' axis (as in training).
+      compiled, secs = _compile(s.train_step, state, s.batch_shapes)
+  except Exception as e:  # The compiler's refusal is the report, not a traceback.
+    if not _OOM_RE.search(str(e)):
+      raise
+    out['fits'] = False
+    out['memory'].update(oom_figures(str(e)))
+    out['error'] = str(e).strip().splitlines()[0][:400]
+    out['advice'] = _advice(config, state_b, replicated, local_batch)
+    return out
+  out['compile_sec'] = round(secs, 1)
+  mem = memory(compiled)
+  out['memory'].update(mem)
+  cap = out['memory']['capacity_bytes']
+  if cap:
+    out['memory']['margin'] = round(1 - mem['peak_bytes'] / cap, 4)
+  out['fits'] = cap is None or mem['peak_bytes'] <= cap
+  if hlo_dir:
+    _write_hlo(hlo_dir, 'train_step', compiled)
+
+  colls = hlo.collectives(compiled)
+  wire = sum(c.wire_bytes * c.executions for c in colls)
+  dcn = sum(_dcn_wire(c, mesh) * c.executions for c in colls)
+  minimum = analytic_min_wire_bytes(config, s)
+  out['collectives'] = [dict(kind=c.kind, axes=list(hlo.mesh_axes(c, mesh)), bytes=c.bytes,
+                             executions=c.executions, wire_bytes=round(c.wire_bytes),
+                             dtypes=sorted({dt for dt, _ in c.shapes}), op=c.op_name[-80:])
+                        for c in colls]
+  out['comm'] = dict(wire_bytes=round(wire), dcn_wire_bytes=round(dcn),
+                     analytic_min_wire_bytes=minimum['total'] and round(minimum['total']),
+                     analytic=minimum)
+  if minimum['total']:
+    out['comm']['excess'] = round(wire / minimum['total'] - 1, 4)
+
+  cost = _cost(compiled)
+  model_flops = flops_lib.train_step_flops(
+      config.model, config.image_size, config.text_len, global_batch=config.batch_size,
+      local_batch=local_batch)['train'] * local_batch
+  out['flops'] = dict(xla_per_chip=float(cost.get('flops', 0.0)),
+                      model_per_chip=model_flops,
+                      hbm_bytes_accessed=float(cost.get('bytes accessed', 0.0)))
+  if chip:
+    bounds = dict(compute=out['flops']['xla_per_chip'] / chip.peak_flops,
+                  hbm=out['flops']['hbm_bytes_accessed'] / chip.hbm_bw,
+                  ici=(wire - dcn) / chip.ici_bw, dcn=dcn / chip.dcn_bw)
+    bound = max(bounds, key=bounds.get)
+    out['bounds_ms'] = {k: round(1e3 * v, 2) for k, v in bounds.items()}
+    out['bound'] = bound
+    out['mfu_bound'] = round(model_flops / chip.peak_flops / bounds[bound], 4)
+  if evals:
+    out['evals'] = _eval_steps(config, s, hlo_dir)
+  return out
+
+
+def _eval_steps(config, s: loop.Setup, hlo_dir) -> dict:
+  """Peak memory of the evaluators' image and text embedding steps at their batch size."""
+  from mmcl import evaluate  # Evaluators import tf.data lazily; the Predictor does not.
+  predictor = evaluate.Predictor(s.model, s.mesh)
+  shards = mesh_lib.num_batch_shards(s.mesh)
+  sizes = [cfg.get('batch_size', 1024) for cfg in config.evals.values()] or [1024]
+  batch = -(-max(sizes) // shards) * shards
+  params = s.sharded_abstract_state()['params']
+  sharding = mesh_lib.batch_sharding(s.mesh)
+  size = config.image_size
+  inputs = {'embed_images': (predictor.image_fn, (batch, size, size, 3), np.float32),
+            'embed_texts': (predictor.text_fn, (batch, config.text_len), np.int32)}
+  out = {}
+  for name, (fn, shape, dtype) in inputs.items():
+    with jax.set_mesh(s.mesh):
+      compiled, secs = _compile(fn, params, jax.ShapeDtypeStruct(shape, dtype,
+                                                                 sharding=sharding))
+    out[name] = dict(batch=batch, peak_bytes=memory(compiled)['peak_bytes'],
+                     compile_sec=round(secs, 1))
+    if hlo_dir:
+      _write_hlo(hlo_dir, name, compiled)
+  return out
+
+
+def _write_hlo(directory: str, name: str, compiled):
+  import os
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f'{name}.hlo.txt'), 'w') as f:
+    f.write(compiled.as_text())
