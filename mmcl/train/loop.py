@@ -52,10 +52,20 @@ class Setup:
   state_sharding: Any
   train_step: Any  # Jitted, with explicit shardings; the state is donated.
 
+  def sharded_abstract_state(self):
+    """The state as ShapeDtypeStructs carrying their shardings: what `lower` takes."""
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        self.abstract_state, self.state_sharding)
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates `config` and builds the model, optimizer, shardings and jitted train step."""
-  mesh = validate_lib.validate(config)  # Everything a bad config can break, before compiling.
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """Validates `config` and builds the model, optimizer, shardings and jitted train step.
+
+  `devices`: what the mesh spans (default: every device of every process); a TPU
+  topology's devices compile the step for that slice without one (tools/compile.py).
+  """
+  # Everything a bad config can break, before compiling.
+  mesh = validate_lib.validate(config, devices)
   model = models.get_model(config.model)
   loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
                                 **{k: v for k, v in config.loss.items()
@@ -76,13 +86,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step)
 
 
-def compile_train_step(config: ml_collections.ConfigDict):
+def compile_train_step(config: ml_collections.ConfigDict, devices=None):
   """The compiled train step of `config`, from shapes only (for memory/cost analysis)."""
-  s = setup(config)
-  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                       s.abstract_state, s.state_sharding)
+  s = setup(config, devices)
   with jax.set_mesh(s.mesh):
-    return s.train_step.lower(state, s.batch_shapes).compile()
+    return s.train_step.lower(s.sharded_abstract_state(), s.batch_shapes).compile()
 
 
 def _data_shards(config) -> int:
