@@ -33,6 +33,9 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+                             # The TPU compiler, for ahead-of-time compiles without a TPU
+                             # (tools/compile.py): the version jax[tpu]==0.10.2 pins.
+                             "libtpu==0.0.42.*; platform_system == 'Linux' and platform_machine == 'x86_64'",
                              # Executing notebooks/ in the tests.
                              "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"]},
 )

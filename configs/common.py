@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
+  c.optim.mu_dtype = 'float32'  # Or 'bfloat16': Adam's first moment in half the bytes.
   c.optim.freeze = ''  # Regex of frozen parameters, e.g. 'img/.*' for LiT.
   # Start from weights (fine-tuning, LiT): a .npz from tools/convert.py or <workdir>/ckpt/<step>.
   c.model_init = ''

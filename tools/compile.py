@@ -72,6 +72,12 @@ def format_report(r: dict) -> str:
   lines.append(f"  wire bytes per chip {comm['wire_bytes']:,} (DCN {comm['dcn_wire_bytes']:,})"
                + (f"; analytic minimum {minimum:,} (excess {comm['excess']:+.1%})"
                   if minimum else '; analytic minimum: not counted for this config'))
+  if comm.get('embedding_grad_all_reduce_excess_bytes'):
+    lines.append(f"  of which {comm['embedding_grad_all_reduce_excess_bytes']:,} B: the [B, D] "
+                 'embedding gradients reduce-scattered as all-reduces (the TPU compiler\'s '
+                 f"lowering); excess without them {comm.get('excess_unexplained', 0):+.1%}")
+  if comm.get('problem'):
+    lines.append('  WARNING: ' + comm['problem'])
   f = r['flops']
   lines.append(f"FLOPs per chip: XLA {f['xla_per_chip']:.3e}, model {f['model_per_chip']:.3e}")
   if 'bounds_ms' in r:

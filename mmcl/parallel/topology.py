@@ -71,7 +71,10 @@ def chip_of(device) -> Chip | None:
 
 def _quiet_libtpu():
   # libtpu looks for a TPU VM's metadata server and worker list at start; off a TPU VM it
-  # logs errors (compiling works regardless). Must run before libtpu loads.
+  # logs errors (compiling works regardless). It also takes a machine-wide lock file, which
+  # would refuse a second compiling process (a test's subprocess, two compiles at once).
+  # Must run before libtpu loads.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-16')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')

@@ -25,9 +25,12 @@ import numpy as np
 from mmcl.models import flops as flops_lib
 from mmcl.parallel import hlo
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.parallel import partition
 from mmcl.parallel import topology
 from mmcl.train import loop
 
+_HEAD_RE = re.compile(r'(^|/)(head|img_head|txt_head)(/|$)')
+EXCESS_TOLERANCE = 0.05  # Collectives beyond the minimum that a report flags.
 _OOM_RE = re.compile(r'RESOURCE_EXHAUSTED|Ran out of memory', re.I)
 _GIGS_RE = re.compile(r'\(([\d.]+)([KMGT])\)')
 _UNIT = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
@@ -94,15 +97,18 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   each gradient reduced over the batch axes it is replicated on (all-reduce, or reduce-
   scatter over 'fsdp' plus an all-reduce of the shard over the rest), each FSDP-sharded
   parameter all-gathered once, and the loss's embedding exchange ('gather': each
-  embedding's all-gather and its gradient's reduce-scatter). None for what it cannot count
-  (the ring's permutes, MoE all-to-alls)."""
+  embedding's all-gather and its gradient's reduce-scatter, float32). Gradients count in
+  the model's compute dtype, in which the compiler reduces them (a bf16 model's weights
+  are cast to bf16 where used), except the float32 projection heads and scalars. None for
+  what it cannot count (the ring's permutes, MoE all-to-alls)."""
   mesh = s.mesh
   batch_axes = mesh_lib.batch_axes(mesh)
-  params = s.abstract_state['params']
-  shardings = s.state_sharding['params']
+  compute = np.dtype(jax.numpy.dtype(config.model.get('dtype', 'float32'))).itemsize
   grads = gathers = 0.0
-  for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
-    full = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+  for path, leaf in jax.tree_util.tree_leaves_with_path(s.abstract_state['params']):
+    sharding = _leaf_at(s.state_sharding['params'], path)
+    float32 = not leaf.shape or _HEAD_RE.search(partition.path_str(path))
+    full = math.prod(leaf.shape) * (np.dtype(leaf.dtype).itemsize if float32 else compute)
     spec_axes = {a for entry in sharding.spec if entry
                  for a in (entry if isinstance(entry, tuple) else (entry,))}
     sharded = math.prod(mesh.shape[a] for a in spec_axes)
@@ -124,17 +130,37 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   return dict(gradients=grads, fsdp_gathers=gathers, loss_exchange=exchange, total=total)
 
 
-def _dcn_wire(c: hlo.Collective, mesh) -> float:
-  """The part of a collective's wire bytes that crosses slices (hierarchical algorithm:
-  within each slice first, then a ring over the slices of 1/(devices per slice) of it)."""
-  flat = mesh.devices.flat
-  ids = c.group or range(c.group_size)
-  slices = len({getattr(flat[i], 'slice_index', 0) for i in ids})
+def _leaf_at(tree, path):
+  for key in path:
+    tree = tree[getattr(key, 'key', getattr(key, 'idx', key))]
+  return tree
+
+
+def _slice_mesh(mesh):
+  """The mesh of slice 0 alone: what a multi-slice program's device ids index (the TPU
+  compiler emits one program per slice; the slices' exchange over the data-centre network
+  does not appear in its HLO)."""
+  index = np.vectorize(lambda d: getattr(d, 'slice_index', 0))(mesh.devices)
+  slices = len(np.unique(index))
+  for axis in range(index.ndim):
+    if slices > 1 and np.any(np.diff(index, axis=axis)):
+      keep = np.arange(mesh.devices.shape[axis] // slices)
+      return jax.sharding.Mesh(np.take(mesh.devices, keep, axis=axis), mesh.axis_names)
+  return mesh
+
+
+def dcn_wire_bytes(config, s: loop.Setup, minimum: dict) -> float:
+  """Analytic wire bytes per chip between slices: hierarchical reduction (within a slice
+  first, then a ring over the slices of each chip's 1/k share), for the gradients and the
+  loss's exchange; 0 on one slice."""
+  slices = len({getattr(d, 'slice_index', 0) for d in s.mesh.devices.flat})
   if slices == 1:
     return 0.0
-  per_slice = c.group_size / slices
-  factor = 2 * (slices - 1) / slices if c.kind == 'all-reduce' else (slices - 1) / slices
-  return factor * c.bytes / per_slice
+  per_slice = s.mesh.size // slices
+  ring = (slices - 1) / slices
+  grads = minimum['gradients'] / 2 + minimum['fsdp_gathers']  # ~ the bytes reduced.
+  exchange = (minimum['loss_exchange'] or 0.0) / 2  # The gathered embeddings.
+  return (2 * ring * grads + 2 * ring * exchange) / per_slice
 
 
 def _compile(fn, *args):
@@ -189,17 +215,33 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
 
   colls = hlo.collectives(compiled)
   wire = sum(c.wire_bytes * c.executions for c in colls)
-  dcn = sum(_dcn_wire(c, mesh) * c.executions for c in colls)
   minimum = analytic_min_wire_bytes(config, s)
-  out['collectives'] = [dict(kind=c.kind, axes=list(hlo.mesh_axes(c, mesh)), bytes=c.bytes,
+  dcn = dcn_wire_bytes(config, s, minimum)
+  local = _slice_mesh(mesh)
+  out['collectives'] = [dict(kind=c.kind, axes=list(hlo.mesh_axes(c, local)), bytes=c.bytes,
                              executions=c.executions, wire_bytes=round(c.wire_bytes),
                              dtypes=sorted({dt for dt, _ in c.shapes}), op=c.op_name[-80:])
                         for c in colls]
   out['comm'] = dict(wire_bytes=round(wire), dcn_wire_bytes=round(dcn),
                      analytic_min_wire_bytes=minimum['total'] and round(minimum['total']),
                      analytic=minimum)
-  if minimum['total']:
+  # The TPU compiler lowers the reduce-scatter of each [B, D] embedding gradient (what JAX
+  # emits for the gather's transpose) as an all-reduce plus a slice fused into its user:
+  # twice the wire bytes of the minimum, the compiler's choice (tests/test_tpu_compile.py).
+  b_x_d = (config.batch_size, config.model.get('embed_dim', 512))
+  lowered = sum(c.wire_bytes / 2 * c.executions for c in colls
+                if c.kind == 'all-reduce' and c.shapes == (('f32', b_x_d),))
+  out['comm']['embedding_grad_all_reduce_excess_bytes'] = round(lowered)
+  if minimum['total'] and out['slices'] == 1:  # A slice's program holds no DCN exchange.
     out['comm']['excess'] = round(wire / minimum['total'] - 1, 4)
+    out['comm']['excess_unexplained'] = round((wire - lowered) / minimum['total'] - 1, 4)
+    if out['comm']['excess_unexplained'] > EXCESS_TOLERANCE:  # E.g. a parameter sharded over a batch axis.
+      top = sorted(colls, key=lambda c: -c.wire_bytes * c.executions)[:3]
+      out['comm']['problem'] = (
+          f"{out['comm']['excess']:.1%} more wire bytes than the analytic minimum; largest: " +
+          '; '.join(f'{c.kind} over {",".join(hlo.mesh_axes(c, local))} of '
+                    f'{c.bytes:,} B x{c.executions} from {c.op_name[-60:] or c.name}'
+                    for c in top))
 
   cost = _cost(compiled)
   model_flops = flops_lib.train_step_flops(
@@ -211,7 +253,7 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
   if chip:
     bounds = dict(compute=out['flops']['xla_per_chip'] / chip.peak_flops,
                   hbm=out['flops']['hbm_bytes_accessed'] / chip.hbm_bw,
-                  ici=(wire - dcn) / chip.ici_bw, dcn=dcn / chip.dcn_bw)
+                  ici=wire / chip.ici_bw, dcn=dcn / chip.dcn_bw)
     bound = max(bounds, key=bounds.get)
     out['bounds_ms'] = {k: round(1e3 * v, 2) for k, v in bounds.items()}
     out['bound'] = bound

@@ -14,6 +14,7 @@ from mmcl.parallel.partition import path_str
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 TEMPERATURES = ('learned', 'fixed', 'cosine', 'linear')
+MU_DTYPES = (None, 'float32', 'bfloat16')
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -54,7 +55,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params_shape) -> optax.Gra
   chain = []
   if opt.grad_clip:
     chain.append(optax.clip_by_global_norm(opt.grad_clip))
-  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+  mu_dtype = opt.get('mu_dtype') or None
+  if mu_dtype not in MU_DTYPES:
+    raise ValueError(f'Unknown config.optim.mu_dtype {mu_dtype!r}; valid: {MU_DTYPES}')
+  # Adam's first moment in bf16 halves its bytes (the second stays float32: its square
+  # roots of tiny values need the range).
+  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, mu_dtype=mu_dtype,
                            weight_decay=opt.weight_decay, mask=_decay_mask))
   tx = optax.chain(*chain)
   if opt.get('freeze'):
