@@ -131,9 +131,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
   batch = config.batch_size
   start = time.perf_counter()
   s = loop.setup(config)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          s.abstract_state, s.state_sharding)
-  compiled = s.train_step.lower(abstract, s.batch_shapes).compile()
+  compiled = s.train_step.lower(s.sharded_abstract_state(), s.batch_shapes).compile()
   compile_sec = time.perf_counter() - start
 
   cost = compiled.cost_analysis()
