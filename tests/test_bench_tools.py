@@ -108,3 +108,16 @@ def test_bench_input_times_the_training_stream(shapes_data_dir):
   row = _tool('bench_input').input_examples_per_sec(c, batches=2, warmup=1)
   assert row['local_batch'] == c.batch_size
   assert row['input_examples_per_sec'] > 0 and row['input_mean_examples_per_sec'] > 0
+
+
+def test_bench_precision_prints_the_bf16_logit_error():
+  import json
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, 'tools/bench_precision.py', '--batch', '256',
+                        '--dim', '64'], capture_output=True, text=True, timeout=300,
+                       env={**__import__('os').environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  # Rounding the inputs to bf16 costs orders of magnitude more than float32 rounding.
+  assert row['bf16_inputs_logit_abs_err_max'] > 100 * row['f32_logit_abs_err_max'] > 0

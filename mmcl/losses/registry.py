@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 IMPLS = ('global', 'gather', 'ring')
 # Every loss computes its logits at full float32 matmul precision: TPUs round a default-
-# precision matmul's inputs to bf16, which with a logit scale of 100 moves logits by ~0.1
-# (BENCHMARKS.md section 5). A loss need not ask for it: the driver traces it under this.
+# precision matmul's inputs to bf16, which with a logit scale of 100 moves logits by up to
+# ~0.06 (mean 0.008; tools/bench_precision.py, BENCHMARKS.md section 5), at ~1% of a step. A loss need not ask for it: the driver traces it under this.
 PRECISION = 'highest'
 
 

@@ -17,7 +17,7 @@ PARAM_DTYPE = jnp.float32
 # The projection into the contrastive space, and everything after it (normalisation, logits,
 # loss), runs in float32 at full matmul precision whatever the towers' dtype: on a TPU the
 # default precision rounds matmul inputs to bf16, and with a logit scale of 100 that
-# rounding alone moves logits by ~0.01-0.1 (BENCHMARKS.md section 5; DESIGN_NOTES.md).
+# rounding alone moves logits by up to ~0.06 (tools/bench_precision.py; DESIGN_NOTES.md).
 HEAD_DTYPE = jnp.float32
 HEAD_PRECISION = jax.lax.Precision.HIGHEST
 
