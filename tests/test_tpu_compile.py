@@ -171,3 +171,13 @@ def test_parser_counts_chains_once_and_loop_bodies_per_iteration():
   assert hlo.mesh_axes(colls[2], mesh) == ('data',)
   assert hlo.summary(colls)['collective-permute'] == {
       'count': 1, 'executions': 3, 'bytes': 96, 'wire_bytes': 96.0}
+
+
+def test_parser_reads_mesh_replica_groups_with_device_ids():
+  line = ("  %ag = bf16[16,72]{1,0} all-gather(%p), channel_id=3, replica_groups=mesh['a'=1,"
+          "'b'=2,'c'=4], device_ids=([4,2]T(1,0)) {'c'}, dimensions={0}")
+  (c,) = hlo.collectives(line)
+  # ids [4,2]T(1,0) flattened: 0 2 4 6 1 3 5 7 as a (1, 2, 4) grid; 'c' at a=0, b=0.
+  assert c.group == (0, 2, 4, 6) and c.group_size == 4
+  (c,) = hlo.collectives(line.replace(", device_ids=([4,2]T(1,0))", ''))
+  assert c.group == (0, 1, 2, 3)

@@ -62,6 +62,9 @@ def format_report(r: dict) -> str:
   lines += [f'  {k:<22}{_gib(v)}' for k, v in rows]
   if m.get('margin') is not None:
     lines.append(f"  {'margin':<22}{m['margin']:7.1%}")
+  if 'error' in r.get('comm', {}):
+    lines.append(f"Collectives not read: {r['comm']['error']}")
+    return '\n'.join(lines)
   lines.append(f"Logical collectives per step (compile {r['compile_sec']} s):")
   lines.append(f"  {'kind':<19}{'axes':<16}{'bytes':>14}{'x':>5}  dtypes  op")
   for c in r['collectives']:

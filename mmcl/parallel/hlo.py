@@ -85,23 +85,45 @@ def _first_group(line: str, num_devices: int | None) -> tuple[int, ...]:
   if m:  # Iota: [groups, size]<=[dims]T(perm)
     return tuple(int(i) for i in _iota_groups(int(m.group(1)), int(m.group(2)),
                                               m.group(3), m.group(4))[0])
+  m = _MESH_GROUPS_RE.search(line)  # mesh['a'=4,'b'=2] {'a'}, maybe with device_ids.
+  if m:
+    return _mesh_group(m)
   m = re.search(r'source_target_pairs=\{((?:\{[\d,]*\},?)*)\}', line)  # collective-permute
   if m:
     return tuple(sorted({int(i) for i in re.findall(r'\d+', m.group(1))}))
   return ()
 
 
+_MESH_GROUPS_RE = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?|[\d,]*)\))?"
+    r"\s*\{([^}]*)\}")
+
+
+def _mesh_group(m) -> tuple[int, ...]:
+  """The first group of `replica_groups=mesh['a'=2,'b'=4] [, device_ids=(...)] {'b'}`:
+  devices varying over the named axes, the others at index 0."""
+  sizes = [(a, int(n)) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))]
+  shape = [n for _, n in sizes]
+  ids = np.arange(math.prod(shape))
+  if m.group(2):
+    iota = re.match(r'\[([\d,]+)\](?:T\(([\d,]+)\))?$', m.group(2))
+    if iota:
+      ids = _iota_groups(1, ids.size, iota.group(1), iota.group(2))[0]
+    else:
+      ids = np.array([int(i) for i in m.group(2).split(',')])
+  grid = ids.reshape(shape)
+  named = re.findall(r"'(\w+)'", m.group(3))
+  index = tuple(slice(None) if a in named else 0 for a, _ in sizes)
+  return tuple(int(i) for i in grid[index].reshape(-1))
+
+
 def _group_size(line: str, num_devices: int | None) -> int:
   """Devices per replica group, from any of the forms XLA prints."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # mesh['a'=8] {'a'}
-  if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
   group = _first_group(line, num_devices)
   if group:
     return len(group)
   if num_devices is None:
-    raise ValueError(f'No replica groups in {line[:200]!r}; pass num_devices.')
+    raise ValueError(f'No replica groups in {line[:400]!r}; pass num_devices.')
   return num_devices  # replica_groups={}: every device.
 
 

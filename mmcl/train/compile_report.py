@@ -213,7 +213,11 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
   if hlo_dir:
     _write_hlo(hlo_dir, 'train_step', compiled)
 
-  colls = hlo.collectives(compiled)
+  try:
+    colls = hlo.collectives(compiled)
+  except ValueError as e:  # An HLO form the parser does not know: keep the rest.
+    out['comm'] = dict(error=str(e)[:400])
+    return out
   wire = sum(c.wire_bytes * c.executions for c in colls)
   minimum = analytic_min_wire_bytes(config, s)
   dcn = dcn_wire_bytes(config, s, minimum)
