@@ -82,7 +82,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
       model, tx, loss_fn, optim.make_schedule(config), config.seed, state_sharding,
       mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
       temperature=optim.make_temperature(config),
-      loss_extras=dict(config.loss.get('extras', {})))
+      loss_extras=dict(config.loss.get('extras', {})),
+      trained=optim.trained_mask(config, params_shape))
   return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step)
 
 

@@ -46,6 +46,14 @@ def _freeze_labels(params, pattern: str):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trained_mask(config: ml_collections.ConfigDict, params_shape):
+  """A tree of bools, False for the parameters `config.optim.freeze` freezes (or None)."""
+  if not config.optim.get('freeze'):
+    return None
+  labels = _freeze_labels(params_shape, config.optim.freeze)
+  return jax.tree.map(lambda label: label == 'trained', labels)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params_shape) -> optax.GradientTransformation:
   """`params_shape` (arrays or ShapeDtypeStructs) fixes the decay/freeze masks."""
   opt = config.optim

@@ -34,12 +34,14 @@ def state_shardings(model, tx, rng, batch_shapes, mesh, rules):
 
 def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
                schedule: Callable, seed: int, accum_steps: int = 1, batch_sharding=None,
-               temperature: Callable | None = None, loss_extras=None):
+               temperature: Callable | None = None, loss_extras=None, trained=None):
   """Returns (new state, metrics); metrics are replicated scalars.
 
   accum_steps > 1 computes the same gradient with GradCache (see grad_cache.py).
   temperature(step, learned_scale) -> the scale the loss uses (default: the learned one).
   loss_extras maps a loss's extra input name to the batch key that holds it.
+  trained: a tree of bools (False: frozen, e.g. LiT's image tower); frozen gradients are
+  replaced by zeros, so the compiler drops the frozen tower's backward pass altogether.
   """
   step_rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   extras = {name: batch[key] for name, key in (loss_extras or {}).items()}
@@ -68,6 +70,8 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
         state['params'], batch, embed=embed, loss=loss, accum_steps=accum_steps,
         rng=step_rng, batch_sharding=batch_sharding)
   total, (value, loss_metrics, heads, model_metrics) = result
+  if trained is not None:
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trained)
   updates, opt = tx.update(grads, state['opt'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   grad_norm = optax.tree.norm(grads)
@@ -96,7 +100,7 @@ def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sha
                    **options):
   """The train step jitted once with explicit shardings; the old state is donated.
 
-  `options`: train_step's accum_steps, temperature and loss_extras.
+  `options`: train_step's accum_steps, temperature, loss_extras and trained.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule,
