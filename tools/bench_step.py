@@ -270,12 +270,6 @@ def open_clip_step(batch: int, steps: int, warmup: int, seed: int = 0) -> dict |
           'torch': torch.__version__, 'torch_threads': torch.get_num_threads()}
 
 
-# Per chip: bf16 peak FLOP/s, HBM bytes/s and bytes, all-reduce bytes/s (the pod's
-# all-reduce bandwidth / its chips), from Cloud TPU's v4 and v5e spec tables.
-CHIPS = {'v4': dict(peak=275e12, hbm_bw=1200e9, hbm=32 * 2**30, ici=1.1e15 / 4096),
-         'v5e': dict(peak=197e12, hbm_bw=819e9, hbm=16e9, ici=51.2e12 / 256)}
-
-
 def paper_models() -> dict:
   """(model config, image size, text length, expert-axis size) of the roofline's models."""
   import ml_collections
@@ -300,7 +294,10 @@ def roofline(name, model, image_size: int, text_len: int, batch: int, chip: str,
   from mmcl.models import moe as moe_lib
   from mmcl.models import text as text_lib
   from mmcl.models import vit
-  hw, local = CHIPS[chip], batch / chips
+  from mmcl.parallel import topology
+  c = topology.CHIPS[chip]  # The one table of chip peaks, with its sources.
+  hw = dict(peak=c.peak_flops, hbm_bw=c.hbm_bw, hbm=c.hbm_bytes, ici=c.ici_bw)
+  local = batch / chips
   f = flops_lib.train_step_flops(model, image_size, text_len, global_batch=batch,
                                  local_batch=int(local))
   params = flops_lib.param_count(model, image_size, text_len)
