@@ -105,8 +105,11 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   batch_axes = mesh_lib.batch_axes(mesh)
   compute = np.dtype(jax.numpy.dtype(config.model.get('dtype', 'float32'))).itemsize
   grads = gathers = 0.0
+  frozen = _frozen_towers(config, s)
   for path, leaf in jax.tree_util.tree_leaves_with_path(s.abstract_state['params']):
     sharding = _leaf_at(s.state_sharding['params'], path)
+    if _is_frozen(config, path):  # No gradient (LiT's locked tower).
+      continue
     float32 = not leaf.shape or _HEAD_RE.search(partition.path_str(path))
     full = math.prod(leaf.shape) * (np.dtype(leaf.dtype).itemsize if float32 else compute)
     spec_axes = {a for entry in sharding.spec if entry
@@ -122,12 +125,29 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   n = mesh_lib.num_batch_shards(mesh)
   exchange = None
   if config.loss.impl != 'ring':
-    directions = 1 if config.loss.name == 'sigmoid' else 2  # SigLIP gathers texts only.
+    gathered = ('txt',) if config.loss.name == 'sigmoid' else ('img', 'txt')  # SigLIP: texts.
+    scattered = [t for t in gathered if t not in frozen]  # A locked tower's needs no grad.
     embed = config.model.get('embed_dim', 512)
-    exchange = directions * 2 * (n - 1) / n * config.batch_size * embed * 4
+    exchange = (len(gathered) + len(scattered)) * (n - 1) / n * config.batch_size * embed * 4
   total = (None if exchange is None or config.model.name == 'limoe' else
            grads + gathers + exchange)
   return dict(gradients=grads, fsdp_gathers=gathers, loss_exchange=exchange, total=total)
+
+
+def _is_frozen(config, path) -> bool:
+  pattern = config.optim.get('freeze')
+  return bool(pattern) and re.fullmatch(pattern, partition.path_str(path)) is not None
+
+
+def _frozen_towers(config, s) -> set:
+  """'img' / 'txt' when every parameter of that two-tower tower is frozen."""
+  out = set()
+  for tower in ('img', 'txt'):
+    leaves = [p for p, _ in jax.tree_util.tree_leaves_with_path(s.abstract_state['params'])
+              if partition.path_str(p).startswith(tower + '/')]
+    if leaves and all(_is_frozen(config, p) for p in leaves):
+      out.add(tower)
+  return out
 
 
 def _leaf_at(tree, path):
@@ -248,9 +268,13 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
                     for c in top))
 
   cost = _cost(compiled)
-  model_flops = flops_lib.train_step_flops(
+  f = flops_lib.train_step_flops(
       config.model, config.image_size, config.text_len, global_batch=config.batch_size,
-      local_batch=local_batch)['train'] * local_batch
+      local_batch=local_batch)
+  # A frozen tower runs forward only: its 2x backward share is not model work.
+  towers = {'img': 'image', 'txt': 'text'}
+  model_flops = (f['train'] - sum(2 * f[towers[t]] for t in _frozen_towers(config, s))
+                 ) * local_batch
   out['flops'] = dict(xla_per_chip=float(cost.get('flops', 0.0)),
                       model_per_chip=model_flops,
                       hbm_bytes_accessed=float(cost.get('bytes accessed', 0.0)))
