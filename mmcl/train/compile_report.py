@@ -116,7 +116,8 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
                  for a in (entry if isinstance(entry, tuple) else (entry,))}
     sharded = math.prod(mesh.shape[a] for a in spec_axes)
     reduce_over = math.prod(mesh.shape[a] for a in batch_axes if a not in spec_axes)
-    fsdp = math.prod(mesh.shape[a] for a in spec_axes if a in batch_axes)
+    # Sharded over a batch axis: FSDP (gathered for use), except 'expert' (the tokens move).
+    fsdp = math.prod(mesh.shape[a] for a in spec_axes if a in batch_axes and a != 'expert')
     if fsdp > 1:  # Gathered for use, its gradient reduce-scattered back.
       gathers += (fsdp - 1) / fsdp * full / (sharded / fsdp)
       grads += (fsdp - 1) / fsdp * full / (sharded / fsdp)
