@@ -43,6 +43,7 @@ flags.mark_flags_as_required(['out'])
 
 
 def main(argv):
+  from mmcl import fs  # pylint: disable=g-import-not-at-top
   from mmcl.convert import big_vision, io, open_clip  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   command = argv[1] if len(argv) == 2 else None
@@ -63,7 +64,7 @@ def main(argv):
       params = open_clip.fold_normalization(params)
       meta['folded_normalization'] = dict(mean=open_clip.OPENAI_MEAN, std=open_clip.OPENAI_STD)
     io.save_params(f.out + '.npz', params)
-    with open(f.out + '.json', 'w') as fp:
+    with fs.open(f.out + '.json', 'w') as fp:  # --out may be gs://...
       json.dump(meta, fp, indent=2)
     n = sum(v.size for v in io.flatten(imp.params).values())
     print(f'{f.weights} -> {f.out}.npz ({n:,} parameters), {f.out}.json')
@@ -72,7 +73,7 @@ def main(argv):
       raise app.UsageError('export needs --params and one of --model_json / --config.')
     params, fold = io.load_params(f.params), None
     if f.model_json:
-      with open(f.model_json) as fp:
+      with fs.open(f.model_json) as fp:
         meta = json.load(fp)
       model_cfg, fold = meta['model'], meta.get('folded_normalization')
     else:

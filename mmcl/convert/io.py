@@ -3,10 +3,12 @@
 Nothing here unpickles: `.safetensors` and `.npz` are plain arrays, and a PyTorch `.pt`/`.bin`
 goes through `torch.load(weights_only=True)` (torch's restricted unpickler).
 """
-import os
+import io as _io
 from typing import Any, Mapping
 
 import numpy as np
+
+from mmcl import fs
 
 # Non-tensor entries of OpenAI's original CLIP state dicts (ints that open_clip drops too).
 _OPENAI_META = ('input_resolution', 'context_length', 'vocab_size')
@@ -14,16 +16,17 @@ _OPENAI_META = ('input_resolution', 'context_length', 'vocab_size')
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A flat {name: float32 array} from `.safetensors`, `.npz`, or `.pt`/`.bin` (needs torch)."""
-  if not os.path.isfile(path):
+  if not fs.exists(path) or fs.isdir(path):
     raise FileNotFoundError(f'No weight file at {path!r}.')
   if path.endswith('.safetensors'):
+    data = fs.path(path).read_bytes()  # Local or remote: safetensors reads from bytes.
     try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-      sd = load_file(path)
+      from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
+      sd = load(data)
     except TypeError as e:  # numpy has no bfloat16: go through torch if it is there.
-      sd = _torch_safetensors(path, e)
+      sd = _torch_safetensors(path, data, e)
   elif path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
+    with fs.open(path, 'rb') as f, np.load(_io.BytesIO(f.read()), allow_pickle=False) as z:
       sd = dict(z.items())
   elif path.endswith(('.pt', '.pth', '.bin')):
     sd = _torch_load(path)
@@ -33,13 +36,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in sd.items() if k not in _OPENAI_META}
 
 
-def _torch_safetensors(path, err):
+def _torch_safetensors(path, data: bytes, err):
   try:
-    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import load  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ValueError(f'{path!r} holds dtypes numpy cannot read (bfloat16?); install torch '
                      'or save it as float32.') from err
-  return {k: v.float().numpy() for k, v in load_file(path).items()}
+  return {k: v.float().numpy() for k, v in load(data).items()}
 
 
 def _torch_load(path: str) -> dict:
@@ -52,7 +55,8 @@ def _torch_load(path: str) -> dict:
         "safetensors.torch.save_file(torch.load(p, weights_only=True), 'model.safetensors').") \
         from None
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with fs.open(path, 'rb') as f:
+      obj = torch.load(_io.BytesIO(f.read()), map_location='cpu', weights_only=True)
   except Exception as e:  # TorchScript archives and pickled objects land here.
     raise ValueError(
         f'torch.load(weights_only=True) refused {path!r} ({type(e).__name__}: {e}). '
@@ -70,10 +74,12 @@ def _torch_load(path: str) -> dict:
 
 
 def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None):
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   # Not np.ascontiguousarray: it turns 0-d arrays (logit_scale) into shape [1].
-  save_file({k: np.array(v, np.float32, order='C') for k, v in tensors.items()}, path,
-            metadata=metadata)
+  data = save({k: np.array(v, np.float32, order='C') for k, v in tensors.items()},
+              metadata=metadata)
+  with fs.open(path, 'wb') as f:
+    f.write(data)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
@@ -154,16 +160,19 @@ def check_params(params: Mapping, expected: Mapping, what: str = 'converted para
 
 def save_params(path: str, params: Mapping):
   """Writes a param tree as a flat '/'-joined `.npz` (the format `load_params` reads)."""
-  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+  buffer = _io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in flatten(params).items()})
+  with fs.open(path, 'wb') as f:
+    f.write(buffer.getvalue())
 
 
 def load_params(path: str) -> dict:
   """A param tree from `save_params`'s `.npz`, or from an mmcl orbax checkpoint step directory
   (`<workdir>/ckpt/<step>`: its 'params')."""
-  if os.path.isdir(path):
+  if fs.isdir(path):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-    sub = os.path.join(path, 'default')
-    state = ocp.StandardCheckpointer().restore(sub if os.path.isdir(sub) else path)
+    sub = fs.join(path, 'default')
+    state = ocp.StandardCheckpointer().restore(fs.path(sub if fs.isdir(sub) else path))
     return {k: v for k, v in state['params'].items()}
-  with np.load(path, allow_pickle=False) as z:
+  with fs.open(path, 'rb') as f, np.load(_io.BytesIO(f.read()), allow_pickle=False) as z:
     return unflatten(dict(z.items()))

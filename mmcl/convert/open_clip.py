@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from mmcl import fs
 from mmcl.convert import io
 from mmcl.models import text as text_lib
 from mmcl.models import vit
@@ -298,7 +299,7 @@ def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | 
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
       k: np.asarray(v, np.float32) for k, v in weights.items()}
   if isinstance(config, str):
-    with open(config) as f:
+    with fs.open(config) as f:
       config = json.load(f)
   config = dict(config or {})
   config = dict(config.get('model_cfg', config))  # HF hub open_clip_config.json nests it.
@@ -425,7 +426,7 @@ def export_open_clip(model_cfg: Mapping, params: Mapping, path: str | None = Non
   mm.check_all_taken()
   if path is not None:
     io.save_safetensors(path + '.safetensors', sd)
-    with open(path + '.json', 'w') as f:
+    with fs.open(path + '.json', 'w') as f:
       json.dump(cfg, f, indent=2)
   return sd, cfg
 

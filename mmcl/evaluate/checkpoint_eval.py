@@ -7,10 +7,10 @@ evaluator runs once. Results go to `<out_dir>/metrics.jsonl` and TensorBoard (pr
 It needs the train state's layout, so it imports mmcl.train lazily (mmcl.train imports
 this package); it would sit more naturally in mmcl/train/.
 """
-import os
+import posixpath
 import sys
 
-from mmcl import evaluate
+from mmcl import evaluate, fs
 
 
 def resolve_checkpoint(workdir: str | None, checkpoint: str | None) -> tuple[str, int | None]:
@@ -21,12 +21,12 @@ def resolve_checkpoint(workdir: str | None, checkpoint: str | None) -> tuple[str
                      f'checkpoint={checkpoint!r}.')
   if workdir is not None:
     return workdir, None
-  path = os.path.abspath(checkpoint.rstrip('/'))
-  step, parent = os.path.basename(path), os.path.dirname(path)
-  if not step.isdigit() or os.path.basename(parent) != 'ckpt' or not os.path.isdir(path):
+  path = fs.join(checkpoint.rstrip('/'))  # Local (made absolute) or gs://...
+  parent, step = posixpath.split(path)
+  if not step.isdigit() or posixpath.basename(parent) != 'ckpt' or not fs.isdir(path):
     raise ValueError(f'--checkpoint={checkpoint!r} is not a <workdir>/ckpt/<step> directory '
                      'written by mmcl.')
-  return os.path.dirname(parent), int(step)
+  return posixpath.dirname(parent), int(step)
 
 
 def restore_params(config, workdir: str, step: int | None = None):
@@ -49,6 +49,7 @@ def restore_params(config, workdir: str, step: int | None = None):
   if step not in steps:
     raise FileNotFoundError(f'No checkpoint at step {step} in {ckpt.directory}; '
                             f'steps: {steps}.')
+  ckpt.check_structure(s.abstract_state, step)  # Names what differs from the config's model.
   target = {'params': jax.tree.map(
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
       s.abstract_state['params'], s.state_sharding['params'])}
@@ -56,7 +57,7 @@ def restore_params(config, workdir: str, step: int | None = None):
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       target)
   # 'default' is the item the Checkpointer's orbax manager saves the state under.
-  path = os.path.join(ckpt.directory, str(step), 'default')
+  path = fs.path(fs.join(ckpt.directory, str(step), 'default'))
   with ocp.PyTreeCheckpointer() as reader:
     state = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
@@ -80,7 +81,7 @@ def evaluate_checkpoint(config, *, workdir=None, checkpoint=None, only=None, out
     metrics.update(evaluator.run(params))
   from mmcl.train import metrics as metrics_lib
   # Never truncates: an old step's results must not drop later rows.
-  writer = metrics_lib.MetricWriter(out_dir or os.path.join(workdir, 'eval'),
+  writer = metrics_lib.MetricWriter(out_dir or fs.join(workdir, 'eval'),
                                     resume_step=sys.maxsize)
   writer.write(step, metrics)
   writer.close()

@@ -1,5 +1,4 @@
 """Curves of one or several runs' metrics.jsonl, side by side, as one PNG."""
-import json
 import os
 
 # Panels drawn by default: each is a metric name, or a prefix ending in '/' for a family.
@@ -8,11 +7,12 @@ DEFAULT_PANELS = ('train/loss', 'zeroshot/', 'train/t', 'train/lr')
 
 def load_rows(run: str) -> list[dict]:
   """Rows of `run`: a workdir holding metrics.jsonl, or the .jsonl file itself."""
-  path = run if run.endswith('.jsonl') else os.path.join(run, 'metrics.jsonl')
-  if not os.path.exists(path):
+  from mmcl import fs
+  from mmcl.train import metrics  # A live run's torn last line is skipped, not fatal.
+  path = run if run.endswith('.jsonl') else fs.join(run, 'metrics.jsonl')
+  if not fs.exists(path):
     raise FileNotFoundError(f'No metrics file at {path}.')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metrics.read_metrics_file(path)
 
 
 def _series(rows, panel):

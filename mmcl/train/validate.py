@@ -1,12 +1,11 @@
 """Config checks that run before anything compiles: each error names the bad value and
 the valid choices."""
-import os
 import re
 
 import jax
 import ml_collections
 
-from mmcl import evaluate, losses, models
+from mmcl import evaluate, fs, losses, models
 from mmcl.data import input_pipeline, preprocess
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
@@ -44,7 +43,7 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
       preprocess.get_preprocess_fn(input_pipeline.format_pp(cfg.pp_img, config))
   evaluate.check_types(config.evals)
   init = config.get('model_init')
-  if init and not os.path.exists(init):
+  if init and not fs.exists(init):  # Local or remote (gs://...).
     raise ValueError(f'config.model_init={init!r} does not exist: give a .npz from '
                      'tools/convert.py or a checkpoint step directory <workdir>/ckpt/<step>.')
   for pattern in config.get('model_init_dont_load', ()):
