@@ -97,6 +97,13 @@ def test_errors(workdir, shapes_data_dir, tmp_path):
     checkpoint_eval.evaluate_checkpoint(c, workdir=workdir, only=['nope'])
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     checkpoint_eval.evaluate_checkpoint(c, workdir=str(tmp_path), only=['geometry'])
+  c.model.embed_dim = 128  # The checkpoint's heads project to 64: name them (was orbax's
+  # "Requested shape (128,) ..." with no name and advice to set strict=False).
+  with pytest.raises(ValueError, match=r'does not match the model: missing none; unexpected '
+                     r'none; shape mismatches .*img/head/kernel: checkpoint \(\d+, 64\) vs '
+                     r'model \(\d+, 128\)') as e:
+    checkpoint_eval.evaluate_checkpoint(c, workdir=workdir, only=['geometry'])
+  assert 'strict' not in str(e.value)
 
 
 def test_format_table_groups_by_evaluator_and_dataset():

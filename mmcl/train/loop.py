@@ -4,7 +4,6 @@ The loop holds no math: `mmcl.train.step.train_step` is the whole update. Step N
 metrics are read only after step N is dispatched, so the host never stalls the device.
 """
 import dataclasses
-import os
 import signal
 import time
 from typing import Any
@@ -15,13 +14,14 @@ import ml_collections
 import numpy as np
 
 from mmcl import checkpoint as checkpoint_lib
-from mmcl import evaluate, losses, models
+from mmcl import evaluate, fs, losses, models
 from mmcl.data import input_pipeline
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
 from mmcl.train import optim, step as step_lib
 from mmcl.train import validate as validate_lib
+from mmcl.train import workdir_lock
 
 
 def _batch_shapes(config, mesh) -> dict:
@@ -169,6 +169,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _run(config, workdir: str, s: Setup) -> dict[str, float]:
+  # One run per workdir: a second launch would interleave metrics and race checkpoints.
+  with workdir_lock.WorkdirLock(workdir):
+    return _train(config, workdir, s)
+
+
+def _train(config, workdir: str, s: Setup) -> dict[str, float]:
   mesh, model, tx, batch_shapes = s.mesh, s.model, s.tx, s.batch_shapes
   abstract_state, state_sharding, train_step = s.abstract_state, s.state_sharding, s.train_step
   rng = jax.random.key(config.seed)
@@ -188,15 +194,16 @@ def _run(config, workdir: str, s: Setup) -> dict[str, float]:
         print(f'Initialised from {config.model_init}', flush=True)
     start = 0
   else:
-    state = ckpt.restore(abstract_state, state_sharding, start)
-    if not os.path.isdir(ckpt.data_state_dir(start)):
+    # Bad newer checkpoints (unreadable, non-finite) are reported and moved aside.
+    state, start = ckpt.restore_newest_good(abstract_state, state_sharding)
+    if not fs.isdir(ckpt.data_state_dir(start)):
       data_seed = config.seed + start  # No saved position: at least do not replay batches.
       logging.warning('No data state for step %d: the input stream is reseeded.', start)
     if jax.process_index() == 0:
       print(f'Resumed from step {start} in {ckpt.directory}', flush=True)
   batches = make_batches(config, mesh, data_seed)
   if start and data_seed == config.seed:
-    batches.restore(ckpt.data_state_dir(start))
+    ckpt.restore_data_state(start, batches)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
 
@@ -211,9 +218,9 @@ def _run(config, workdir: str, s: Setup) -> dict[str, float]:
 
   def save(step, force=False):
     if force or ckpt.is_due(step):
-      batches.save(ckpt.data_state_dir(step))  # Blocking, before the async orbax save.
-      ckpt.save(step, state, force=True)
-      ckpt.prune_data_states()
+      writer.flush()  # Rows logged so far are stored before the checkpoint (remote workdirs).
+      # Refuses a non-finite state; writes the data state before the async orbax save.
+      ckpt.save(step, state, force=True, batches=batches)
 
   logger = _TrainLogger(config, writer, start, batches)
   preemption = _Preemption(config.get('preemption_check_every', 1))
@@ -243,7 +250,7 @@ def _run(config, workdir: str, s: Setup) -> dict[str, float]:
     # Also on an error (e.g. too many skipped steps): finish the async saves already
     # started, so the last checkpoint due before the failure is on disk to resume from.
     ckpt.close()
-  writer.close()
+    writer.close()  # Stores the rows not yet flushed (remote workdirs flush every 30 s).
   _print_table(final)
   return final
 
