@@ -45,6 +45,7 @@ class Checkpointer:
                async_save: bool = True):
     self.workdir = fs.join(workdir)
     self.directory = fs.join(workdir, 'ckpt')
+    _check_gcs_client(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
@@ -270,6 +271,20 @@ def _drop_closed_loop_callbacks(hook):
       hook(unraisable)
   filtered.mmcl_drops_closed_loop = True
   return filtered
+
+
+def _check_gcs_client(directory: str):
+  """orbax lists and deletes gs:// checkpoints with google-cloud-storage, an optional
+  dependency: say so at the start rather than fail at the first listing."""
+  if not directory.startswith('gs://'):
+    return
+  from orbax.checkpoint._src.path import gcs_utils  # What orbax itself calls first.
+  try:
+    gcs_utils.is_hierarchical_namespace_enabled(directory)
+  except ImportError as e:
+    raise ImportError(f'A gs:// workdir ({directory}) needs google-cloud-storage, which '
+                      'orbax uses to list and delete checkpoints there: pip install '
+                      'google-cloud-storage.') from e
 
 
 def _all_processes_ok(ok: bool) -> bool:

@@ -89,6 +89,18 @@ def test_weight_files_and_model_init_paths_on_gs(gcs):
   assert os.listdir(cwd) == []
 
 
+def test_a_gs_workdir_without_orbax_s_gcs_client_is_a_clear_error(gcs, monkeypatch):
+  from orbax.checkpoint._src.path import gcs_utils
+  from mmcl import checkpoint
+
+  def get_bucket(name):  # What orbax's lookup does without the optional package.
+    del name
+    raise ImportError("cannot import name 'storage' from 'google.cloud'")
+  monkeypatch.setattr(gcs_utils, 'get_bucket', get_bucket)
+  with pytest.raises(ImportError, match=r'gs://bucket/run/ckpt.*needs google-cloud-storage'):
+    checkpoint.Checkpointer('gs://bucket/run')
+
+
 def _write_rows(workdir, steps, tail=''):
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.writelines(json.dumps({'step': s, 'train/loss': 1.0}) + '\n' for s in steps)
