@@ -96,7 +96,7 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   """Least wire bytes per chip per step for the config's parallelism (ring algorithms):
   each gradient reduced over the batch axes it is replicated on (all-reduce, or reduce-
   scatter over 'fsdp' plus an all-reduce of the shard over the rest), each FSDP-sharded
-  parameter all-gathered once, and the loss's embedding exchange ('gather': each
+  parameter all-gathered once (twice under remat), and the loss's embedding exchange ('gather': each
   embedding's all-gather and its gradient's reduce-scatter, float32). Gradients count in
   the model's compute dtype, in which the compiler reduces them (a bf16 model's weights
   are cast to bf16 where used), except the float32 projection heads and scalars. None for
@@ -123,6 +123,8 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
       grads += (fsdp - 1) / fsdp * full / (sharded / fsdp)
     if reduce_over > 1:
       grads += 2 * (reduce_over - 1) / reduce_over * full / sharded
+  if str(config.model.get('remat', 'none')) not in ('none', 'False'):
+    gathers *= 2  # Remat recomputes the forward pass, gathering the weights again.
   n = mesh_lib.num_batch_shards(mesh)
   exchange = None
   if config.loss.impl != 'ring':
