@@ -63,8 +63,13 @@ def create_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
   axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
   slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if slices == 1:
-    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()), axis_types=axis_types,
-                         devices=devices)
+    try:
+      return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
+                           axis_types=axis_types, devices=devices)
+    except NotImplementedError:  # An axis that is no product of physical axes (4 of 8x8x8).
+      grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices,
+                                           allow_split_physical_axes=True)
+      return Mesh(grid, tuple(shape.keys()), axis_types=axis_types)
   outer = next((a for a in shape if a in BATCH_AXES), None)
   if outer is None or shape[outer] % slices:
     raise ValueError(
