@@ -13,8 +13,8 @@ whose values are not finite is reported with its step and cause, moved aside to
 older one is tried.
 
 The input pipeline's position is saved beside each checkpoint, under
-`workdir/data_state/<step>/` (mmcl/data/data_state.py), started before the orbax save of
-that step.
+`workdir/data_state/<step>/` (mmcl/data/data_state.py): snapshotted before the orbax save
+of that step starts, written during it, complete when `save` returns.
 """
 import gc
 import logging
@@ -61,9 +61,9 @@ class Checkpointer:
     return fs.join(self.data_directory, str(step))
 
   def save_data_state(self, step: int, batches):
-    """Writes `batches`' position for `step` (every process its own shards; mmcl.fs paths,
-    so local or remote)."""
-    batches.save(self.data_state_dir(step))
+    """Starts writing `batches`' position for `step` (every process its own shards; mmcl.fs
+    paths, so local or remote): snapshotted now, written by a thread (`batches.wait()`)."""
+    batches.save_async(self.data_state_dir(step))
 
   def restore_data_state(self, step: int, batches) -> bool:
     """Moves `batches` to the position saved at `step`; False if none was saved."""
@@ -107,6 +107,9 @@ class Checkpointer:
       self.save_data_state(step, batches)
     saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     if batches is not None:
+      # Written during orbax's blocking copy of the state off the devices, complete when
+      # save returns: orbax commits the step later, when its background write ends.
+      batches.wait()
       self.prune_data_states()
     return saved
 

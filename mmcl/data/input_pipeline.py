@@ -7,12 +7,14 @@ per-process numpy batches into global `jax.Array`s sharded over the mesh's batch
 from collections.abc import Iterator
 import os
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mmcl.data import preprocess, sources
+from mmcl import fs
+from mmcl.data import data_state, drops, preprocess, skipped, sources
 
 # Datasets built locally on first use (no download): name -> module with prepare().
 _LOCAL_BUILDERS = ('mmcl_shapes',)
@@ -69,7 +71,8 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
                 train: bool = True, shuffle_buffer: int = 10_000, seed: int = 0,
                 process_index: int = 0, process_count: int = 1,
                 cache: bool = False, shapes: dict | None = None,
-                with_index: bool = False) -> tf.data.Dataset:
+                with_index: bool = False,
+                max_dropped_in_a_row: int | None = None) -> tf.data.Dataset:
   """Per-process batches of `batch_size // process_count` preprocessed examples.
 
   `name` is a TFDS name, a file source ('wds:...', 'csv:...', see sources.py), or for
@@ -82,23 +85,36 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
   A record whose preprocessing fails (e.g. corrupt image bytes), or whose features do not
   have the `shapes` given ({key: shape}), is dropped, never fatal. With `with_index`, each
   example carries `_index`, its position in the stream before dropping, so a consumer can
-  count what was dropped.
+  count what was dropped, the dataset has `drop_counters` (DropCounters), and after
+  `max_dropped_in_a_row` records in a row without one kept the stream ends (a training
+  stream that drops everything would otherwise spin forever, deaf to signals).
   """
   if batch_size % process_count:
     raise ValueError(f'Batch size {batch_size} does not divide over {process_count} processes.')
   pp_fn = preprocess.get_preprocess_fn(pp)  # Validates the pp string before any I/O.
   def source(source_name):
+    read = None  # File sources index rows (file, offsets) and read them with `read`.
     if sources.is_file_source(source_name):
-      ds = sources.file_dataset(source_name, process_index, process_count)
+      ds, read = sources.file_source(source_name, process_index, process_count)
     else:
+      sources.check_name(source_name)
       builder = get_builder(source_name, data_dir)
+      # No TFDS auto-cache: a small dataset's cache lives in the iterator, and so was in
+      # every saved data state (the whole split: 196 MB for configs/limoe_demo.py).
       ds = builder.as_dataset(
           split=process_split(split, process_index, process_count, train),
           shuffle_files=train, decoders=_decoders(builder),
-          read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
+          read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True,
+                                      try_autocache=False))
+    if read is not None and (cache or not train):
+      ds, read = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), None
     if cache:
       ds = ds.cache()
-    return ds.repeat().shuffle(shuffle_buffer, seed=seed) if train else ds
+    if train:
+      ds = ds.repeat().shuffle(shuffle_buffer, seed=seed)
+    if read is not None:  # After the shuffle: its buffer holds rows, not image bytes.
+      ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds
 
   if isinstance(name, str):
     ds = source(name)
@@ -115,19 +131,33 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
   # (a sequential map, an enumerate) costs the pipeline ~10% (BENCHMARKS.md section 3).
   ds = with_seeds(ds, seed + 1_000_003 * process_index)
   process = lambda ex, s: pp_fn({**ex, '_seed': s})
+  counters = None
   if with_index:
-    ds = ds.enumerate().map(lambda i, ex_s: {**process(*ex_s), '_index': i},
-                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    counters = drops.DropCounters(max_dropped_in_a_row)
+    ds = ds.enumerate().take_while(counters.guard)
+    ds = ds.map(lambda i, ex_s: {**process(*ex_s), '_index': i},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors()  # Records that fail to decode or preprocess are dropped.
-  if shapes:
+  ds = ds.ignore_errors()  # Records that fail to read, decode or preprocess are dropped.
+  if counters is not None:
+    ds = ds.filter(counters.keep_fn(
+        lambda ex: _has_shapes(ex, shapes) if shapes else tf.constant(True)))
+  elif shapes:
     ds = ds.filter(lambda ex: _has_shapes(ex, shapes))
   if train:
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
   else:  # Keeps variable-length features (e.g. several captions per image) as ragged.
     ds = ds.ragged_batch(batch_size // process_count)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  if counters is not None:
+    options = tf.data.Options()
+    # The counters are variables outside the iterator: saved beside it (ShardedBatches).
+    options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE)
+    ds = ds.with_options(options)
+    ds.drop_counters = counters
+  return ds
 
 
 def _has_shapes(example: dict, shapes: dict) -> tf.Tensor:
@@ -152,49 +182,112 @@ class ShardedBatches:
   divides the number of shards.
   """
 
-  def __init__(self, make_dataset, shard_ids, num_shards: int, sharding):
+  def __init__(self, make_dataset, shard_ids, num_shards: int, sharding,
+               stall_hint: str = ''):
     self.shard_ids, self.num_shards, self.sharding = list(shard_ids), num_shards, sharding
-    self._iters = [iter(make_dataset(i)) for i in self.shard_ids]
+    self.stall_hint = stall_hint  # What to check when a stream keeps nothing.
+    datasets = [make_dataset(i) for i in self.shard_ids]
+    self._counters = [getattr(ds, 'drop_counters', None) for ds in datasets]
+    self._iters = [iter(ds) for ds in datasets]
     # Examples emitted per shard; with the last `_index` seen this gives the dropped count.
-    self._emitted = [tf.Variable(0, dtype=tf.int64) for _ in self.shard_ids]
-    self._last = [tf.Variable(-1, dtype=tf.int64) for _ in self.shard_ids]
-    self._ckpts = [tf.train.Checkpoint(iterator=it, emitted=e, last=l)
-                   for it, e, l in zip(self._iters, self._emitted, self._last)]
+    self._emitted = [0] * len(self.shard_ids)
+    self._last = [-1] * len(self.shard_ids)
+    self._writer = None
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
     parts = []
-    for it, emitted, last in zip(self._iters, self._emitted, self._last):
-      batch = next(it)
+    for k, it in enumerate(self._iters):
+      try:
+        batch = next(it)
+      except StopIteration:  # A training stream repeats: it ends only when it keeps nothing.
+        c = self._counters[k]
+        error = drops.InputInterrupted if c and c.interrupted else drops.InputStalled
+        raise error(self._stalled(k)) from None
       index = batch.pop('_index').numpy()
-      emitted.assign_add(len(index))
-      last.assign(int(index[-1]))
-      parts.append({k: v.numpy() for k, v in batch.items()})
+      self._emitted[k] += len(index)
+      self._last[k] = int(index[-1])
+      parts.append({key: v.numpy() for key, v in batch.items()})
     local = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.sharding, x), local)
 
+  def _stalled(self, k: int) -> str:
+    c = self._counters[k]
+    if c is None:
+      return f'The training stream of data shard {self.shard_ids[k]} ended.'
+    if c.interrupted:
+      what = 'was interrupted by a signal while it kept nothing'
+    elif c.limit and c.values()['since'] > c.limit:
+      what = f'kept no record in {c.limit:,} in a row (config.input.max_dropped_in_a_row)'
+    else:
+      what = 'ended'
+    return (f'The training stream of data shard {self.shard_ids[k]} {what}, after '
+            f'{self._emitted[k]:,} kept records; dropped: {c.describe()}; skipped by the '
+            f'sources: {skipped.SKIPPED.describe() or "none"}. {self.stall_hint}')
+
+  def interrupt(self):
+    """Wakes a `next` that waits on streams keeping nothing (callable from any thread,
+    e.g. on SIGTERM); a stream that keeps records goes on."""
+    for c in self._counters:
+      if c is not None:
+        c.interrupt()
+
   @property
   def dropped(self) -> int:
     """Records this process dropped so far (failed preprocessing or wrong shape)."""
-    return sum(int(l.numpy()) + 1 - int(e.numpy()) for l, e in zip(self._last, self._emitted))
+    return sum(l + 1 - e for l, e in zip(self._last, self._emitted))
+
+  def drop_counts(self) -> dict[str, int]:
+    """This process's drops by reason: 'misshapen' as counted by the pipeline (which reads
+    a few batches ahead), 'failed' (to read, decode or preprocess) the rest of `dropped`."""
+    misshapen = sum(c.values()['misshapen'] for c in self._counters if c)
+    return {'misshapen': misshapen, 'failed': max(0, self.dropped - misshapen)}
 
   def save(self, directory: str):
-    """Writes each shard's iterator state to `directory/shard_<i>` (blocking)."""
-    for i, ckpt in zip(self.shard_ids, self._ckpts):
-      ckpt.write(os.path.join(directory, f'shard_{i}', 'state'))
+    """Writes each shard's position to `directory/shard_<i>/state` (blocking)."""
+    self.save_async(directory)
+    self.wait()
+
+  def save_async(self, directory: str):
+    """Starts `save`: the iterators are snapshotted now (they may move on), then encoded
+    and written by a thread; `wait` joins it."""
+    self.wait()
+    if any(c is not None and c.has_ended for c in self._counters):
+      # An ended stream (interrupted) would restore as ended: better none (reseeded).
+      logging.warning('Data state %s not written: the input stream was interrupted.',
+                      directory)
+      return
+    items = []
+    for k, (i, it) in enumerate(zip(self.shard_ids, self._iters)):
+      counters = self._counters[k].values() if self._counters[k] else {}
+      items.append((data_state.shard_path(directory, i), data_state.snapshot(it),
+                    dict(emitted=self._emitted[k], last=self._last[k], counters=counters)))
+    self._writer = data_state.Writer(items)
+
+  def wait(self):
+    """Waits for the data state being written; raises its error."""
+    writer, self._writer = self._writer, None
+    if writer is not None:
+      writer.join()
 
   def restore(self, directory: str):
-    saved = sorted(n for n in os.listdir(directory) if n.startswith('shard_'))
+    """Moves every shard to its saved position; DataStateError if a file is damaged."""
+    saved = [n for n in fs.listdir(directory) if n.startswith('shard_')]
     if len(saved) != self.num_shards:
       raise ValueError(
           f'The data state in {directory} has shards {saved}, but this run reads '
           f'{self.num_shards} shards ({self.shard_ids} in this process): set '
           f'config.input.shards to the number the run was started with.')
-    for i, ckpt in zip(self.shard_ids, self._ckpts):
-      ckpt.read(os.path.join(directory, f'shard_{i}', 'state')).assert_consumed()
+    for k, (i, it) in enumerate(zip(self.shard_ids, self._iters)):
+      path = data_state.shard_path(directory, i)
+      state, header = data_state.read(path)
+      data_state.restore(it, state, path)
+      self._emitted[k], self._last[k] = header['emitted'], header['last']
+      if self._counters[k]:
+        self._counters[k].assign(header['counters'])
 
 
 def global_batches(ds: tf.data.Dataset, sharding) -> Iterator[dict[str, jax.Array]]:

@@ -4,7 +4,9 @@ The loop holds no math: `mmcl.train.step.train_step` is the whole update. Step N
 metrics are read only after step N is dispatched, so the host never stalls the device.
 """
 import dataclasses
+import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from mmcl import checkpoint as checkpoint_lib
 from mmcl import evaluate, fs, losses, models
-from mmcl.data import input_pipeline
+from mmcl.data import data_state, drops, input_pipeline
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
@@ -114,7 +116,8 @@ def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
       batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
       shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
       process_count=shards, cache=config.input.cache, with_index=True,
-      shapes={'image': (size, size, 3), 'text': (config.text_len,)})
+      shapes={'image': (size, size, 3), 'text': (config.text_len,)},
+      max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000))
 
 
 def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
@@ -122,17 +125,39 @@ def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
   shards = _data_shards(config)
   per_process = shards // jax.process_count()
   first = jax.process_index() * per_process
+  size = config.image_size
+  hint = (f'Records are kept with image {(size, size, 3)} (config.image_size={size}) and '
+          f'text ({config.text_len},) (config.text_len); check config.input.name='
+          f'{config.input.name!r}, config.input.pp and the files it reads.')
   return input_pipeline.ShardedBatches(
       lambda shard: train_dataset(config, seed, shard, shards),
-      range(first, first + per_process), shards, mesh_lib.batch_sharding(mesh))
+      range(first, first + per_process), shards, mesh_lib.batch_sharding(mesh),
+      stall_hint=hint)
 
 
 class _Preemption:
-  """SIGTERM: finish the current step, checkpoint it, exit cleanly. Processes agree."""
+  """SIGTERM: finish the current step, checkpoint it, exit cleanly. Processes agree.
 
-  def __init__(self, check_every: int = 1):
+  While the loop waits inside tf.data for a stream that keeps nothing, Python's handler
+  cannot run: a thread reads the signal from the wakeup fd and calls `on_signal` (the
+  stream's interrupt), which ends the wait.
+  """
+
+  def __init__(self, check_every: int = 1, on_signal=None):
     self.requested, self.check_every = False, check_every
     self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._watcher = None
+    if on_signal is not None:
+      self._pipe = os.pipe()
+      os.set_blocking(self._pipe[1], False)  # set_wakeup_fd wants a non-blocking fd.
+      self._previous_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+      self._watcher = threading.Thread(target=self._watch, args=(on_signal,), daemon=True)
+      self._watcher.start()
+
+  def _watch(self, on_signal):
+    while data := os.read(self._pipe[0], 64):  # b'' once close() shuts the pipe.
+      if {signal.SIGTERM, signal.SIGINT} & set(data):
+        on_signal()
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -151,6 +176,12 @@ class _Preemption:
 
   def close(self):
     signal.signal(signal.SIGTERM, self._previous)
+    if self._watcher is not None:
+      signal.set_wakeup_fd(self._previous_fd)
+      os.close(self._pipe[1])
+      self._watcher.join()
+      os.close(self._pipe[0])
+      self._watcher = None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -203,7 +234,14 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
       print(f'Resumed from step {start} in {ckpt.directory}', flush=True)
   batches = make_batches(config, mesh, data_seed)
   if start and data_seed == config.seed:
-    ckpt.restore_data_state(start, batches)
+    try:
+      ckpt.restore_data_state(start, batches)
+    except data_state.DataStateError as e:  # Damaged: like a missing one, reseeded.
+      logging.warning('%s', e)
+      if jax.process_index() == 0:
+        print(f'The data state of step {start} is unusable, so the input stream is '
+              f'reseeded: {e}', flush=True)
+      batches = make_batches(config, mesh, config.seed + start)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
 
@@ -223,10 +261,21 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
       ckpt.save(step, state, force=True, batches=batches)
 
   logger = _TrainLogger(config, writer, start, batches)
-  preemption = _Preemption(config.get('preemption_check_every', 1))
+  preemption = _Preemption(config.get('preemption_check_every', 1),
+                           on_signal=batches.interrupt)
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = next(batches)
+      try:
+        batch = next(batches)
+      except drops.InputInterrupted:  # SIGTERM while the stream kept nothing.
+        if not preemption.requested:
+          raise
+        logger.close()
+        writer.close()
+        if jax.process_index() == 0:
+          print(f'Preempted while waiting for input for step {step}: no checkpoint '
+                f'written (the latest is step {ckpt.latest_step()}).', flush=True)
+        return {}
       if step == start + 1:
         validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
       state, metrics = train_step(state, batch)
@@ -302,15 +351,19 @@ class _TrainLogger:
     self.t_last, self.step_last = now, step
     metrics['train/steps_per_sec'] = steps_per_sec
     metrics['train/examples_per_sec'] = steps_per_sec * self.config.batch_size
-    metrics['data/dropped_records'] = _all_processes_sum(self.batches.dropped)
+    drops = self.batches.drop_counts()  # By reason: 'misshapen', 'failed'.
+    metrics['data/dropped_records'], *by_reason = _all_processes_sum(
+        [self.batches.dropped, *drops.values()])
+    metrics.update({f'data/dropped/{k}': v for k, v in zip(drops, by_reason)})
     self.writer.write(step, metrics)
     if self.bar is not None:
       self.bar.set_postfix(loss=f'{float(metrics["train/loss"]):.3f}',
                            steps_s=f'{steps_per_sec:.2f}', refresh=False)
 
 
-def _all_processes_sum(value: int) -> int:
+def _all_processes_sum(values: list[int]) -> list[int]:
   if jax.process_count() == 1:
-    return value
+    return list(values)
   from jax.experimental import multihost_utils
-  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+  gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
+  return [int(v) for v in np.sum(gathered.reshape(-1, len(values)), axis=0)]
