@@ -2,6 +2,7 @@
 row or file is skipped and named, and the data state is small, exact and checked."""
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,3 +271,76 @@ def test_a_damaged_data_state_falls_back_to_a_reseeded_stream(shapes_data_dir, t
           'is truncated') in out
   assert sorted(os.listdir(tmp_path / 'ckpt')) == ['2', '4']
 
+
+# ------------------------------------------------------------- smaller config and file errors
+
+
+def test_batch_size_and_lr_are_checked_before_compiling(shapes_data_dir):
+  from mmcl.train import validate  # pylint: disable=g-import-not-at-top
+  for bad, match in ((dict(batch_size=0), r'config.batch_size=0 must be positive'),
+                     (dict(batch_size=-8), r'config.batch_size=-8 must be positive'),
+                     (dict(lr=-1e-3), r'config.lr=-0.001 must be a finite number >= 0'),
+                     (dict(lr=float('nan')), r'config.lr=nan must be a finite number')):
+    with pytest.raises(ValueError, match=match):
+      validate.validate(tiny_config(shapes_data_dir, **bad))
+
+
+@pytest.mark.parametrize('name', ['cvs:/data/train.tsv', 'wsd:/shards/*.tar',
+                                  'gs://bucket/train.tsv'])
+def test_a_source_scheme_typo_names_the_valid_schemes(shapes_data_dir, name):
+  """Was TFDS's 'Parsing builder name string cvs:/x.tsv failed', never naming csv:/wds:."""
+  from mmcl.train import validate  # pylint: disable=g-import-not-at-top
+  c = tiny_config(shapes_data_dir)
+  c.input.name = name
+  scheme = name.split(':')[0]
+  with pytest.raises(ValueError, match=rf"Unknown data source '{re.escape(name)}': "
+                     rf"'{scheme}:' is not a source scheme. Valid: 'csv:.*'wds:.*TFDS name"):
+    validate.validate(c)
+  for ok in ('mmcl_shapes/tiny:1.0.0', 'mmcl_shapes:1.*', 'csv:/x.tsv'):
+    input_pipeline.sources.check_name(ok)
+
+
+@pytest.mark.parametrize('content', ['random', 'pickled', 'empty'])
+def test_an_npz_that_is_not_a_weight_file_says_so_without_pickle_advice(tmp_path, content):
+  """numpy's message suggested allow_pickle=True: an unsafe fix."""
+  from mmcl.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'w.npz')
+  if content == 'random':
+    (tmp_path / 'w.npz').write_bytes(np.random.default_rng(0).bytes(4096))
+  elif content == 'pickled':
+    np.savez(path, x=np.array([{'a': 1}], dtype=object))
+  else:
+    (tmp_path / 'w.npz').write_bytes(b'')
+  for load in (convert_io.load_params, convert_io.load_state_dict):
+    with pytest.raises(ValueError, match='is not an mmcl weight file') as e:
+      load(path)
+    assert 'pickle' not in str(e.value).replace('never unpickled', '')
+
+
+def test_documented_demo_export_works(tmp_path):
+  """docs/pretrained.md's export of the demo checkpoint (was always refused: pool='gap')."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mmcl import models  # pylint: disable=g-import-not-at-top
+  doc = open(os.path.join(ROOT, 'docs', 'pretrained.md')).read()
+  train, export = [next(
+      m.group(0).replace('\\\n', ' ') for m in re.finditer(
+          rf'python tools/{tool}\.py (?:[^\n]*\\\n)*[^\n]*', doc[doc.index('## Export'):])
+      if 'configs/demo.py' in m.group(0)) for tool in ('train', 'convert')]
+  overrides = re.findall(r'--config\.\S+', train)
+  assert overrides == re.findall(r'--config\.\S+', export) == ['--config.model.image.pool=tok']
+  c = demo.get_config('')
+  c.model.image.pool = 'tok'  # As the documented training command sets it.
+  model = models.get_model(c.model)
+  params = model.init({'params': jax.random.key(0)}, np.zeros((1, 64, 64, 3), np.float32),
+                      np.zeros((1, c.text_len), np.int32))['params']
+  workdir = tmp_path / 'WORKDIR'
+  checkpointer = ocp.StandardCheckpointer()  # What training writes under ckpt/<step>.
+  checkpointer.save(workdir / 'ckpt' / '2000' / 'default', {'params': params})
+  checkpointer.wait_until_finished()
+  args = export.replace('WORKDIR', str(workdir)).replace('/tmp/demo_oc', str(tmp_path / 'oc'))
+  args = args.replace('configs/', os.path.join(ROOT, 'configs') + '/').split()[2:]
+  done = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert.py'), *args],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert os.path.getsize(tmp_path / 'oc.safetensors') > 1000
+  assert '"pool_type": "tok"' in (tmp_path / 'oc.json').read_text()

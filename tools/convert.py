@@ -10,8 +10,9 @@ r"""Pretrained weights in and out of mmcl (see docs/pretrained.md).
   python tools/convert.py import --source big_vision --weights webli_en_b16_224.npz --out /tmp/siglip
   # mmcl -> open_clip: OUT.safetensors + OUT.json (open_clip's model config format)
   python tools/convert.py export --params /tmp/vitb32.npz --model_json /tmp/vitb32.json --out /tmp/oc
-  python tools/convert.py export --params WORKDIR/ckpt/2000 --config configs/demo.py --eos_id 1 \
-      --out /tmp/demo_oc
+  # a demo trained with --config.model.image.pool=tok (open_clip ViTs have a class token)
+  python tools/convert.py export --params WORKDIR/ckpt/2000 --config configs/demo.py \
+      --config.model.image.pool=tok --eos_id 1 --out /tmp/demo_oc
 """
 import json
 import os

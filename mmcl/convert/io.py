@@ -5,6 +5,7 @@ goes through `torch.load(weights_only=True)` (torch's restricted unpickler).
 """
 import io as _io
 from typing import Any, Mapping
+import zipfile
 
 import numpy as np
 
@@ -26,8 +27,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     except TypeError as e:  # numpy has no bfloat16: go through torch if it is there.
       sd = _torch_safetensors(path, data, e)
   elif path.endswith('.npz'):
-    with fs.open(path, 'rb') as f, np.load(_io.BytesIO(f.read()), allow_pickle=False) as z:
-      sd = dict(z.items())
+    sd = _load_npz(path)
   elif path.endswith(('.pt', '.pth', '.bin')):
     sd = _torch_load(path)
   else:
@@ -174,5 +174,24 @@ def load_params(path: str) -> dict:
     sub = fs.join(path, 'default')
     state = ocp.StandardCheckpointer().restore(fs.path(sub if fs.isdir(sub) else path))
     return {k: v for k, v in state['params'].items()}
-  with fs.open(path, 'rb') as f, np.load(_io.BytesIO(f.read()), allow_pickle=False) as z:
-    return unflatten(dict(z.items()))
+  return unflatten(_load_npz(path))
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an `.npz`. Anything else (not a zip of .npy arrays, or holding Python
+  objects) is refused as not a weight file: it is never unpickled, and numpy's hint to
+  allow that is not passed on."""
+  with fs.open(path, 'rb') as f:
+    data = f.read()
+  what = ('not an .npz archive' if not zipfile.is_zipfile(_io.BytesIO(data)) else None)
+  if what is None:
+    try:
+      with np.load(_io.BytesIO(data), allow_pickle=False) as z:
+        return dict(z.items())
+    except ValueError:  # Object arrays: pickled Python objects.
+      what = 'it holds Python objects, not arrays'
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+      what = f'damaged ({type(e).__name__})'
+  raise ValueError(f'{path!r} is not an mmcl weight file ({what}): give a .npz of arrays '
+                   'from tools/convert.py import or mmcl.convert.io.save_params, or an mmcl '
+                   'checkpoint step directory <workdir>/ckpt/<step>.')

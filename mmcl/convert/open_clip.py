@@ -355,7 +355,8 @@ def export_config(model_cfg: Mapping, params: Mapping, *, eos_id: int | None = N
   use_cls = ipool == 'tok' if im.get('class_token') is None else im['class_token']
   if not use_cls or ipool not in ('tok', 'gap'):
     raise ValueError(f'Image tower pool={ipool!r}, class_token={use_cls}: open_clip ViTs '
-                     "always have a class token and pool 'tok' or 'avg' (mmcl 'gap').")
+                     "always have a class token and pool 'tok' or 'avg' (mmcl 'gap'); "
+                     "train with model.image.pool='tok' (or class_token=True) to export.")
   style = tx.get('style', 'siglip')
   tpool = tx.get('pool') or ('eot' if style == 'clip' else 'last')
   oc_pool = {v: k for k, v in _TEXT_POOLS.items()}.get(tpool)

@@ -1,12 +1,13 @@
 """Config checks that run before anything compiles: each error names the bad value and
 the valid choices."""
+import math
 import re
 
 import jax
 import ml_collections
 
 from mmcl import evaluate, fs, losses, models
-from mmcl.data import input_pipeline, preprocess
+from mmcl.data import input_pipeline, preprocess, sources
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
 from mmcl.train import optim
@@ -16,6 +17,12 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
   """Checks `config` and returns the mesh it describes."""
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   shards = mesh_lib.num_batch_shards(mesh)
+  if not config.batch_size > 0:  # 0 would pass every divisibility check below.
+    raise ValueError(f'config.batch_size={config.batch_size} must be positive (the global '
+                     f'batch, a multiple of the {shards} batch shards).')
+  if not config.lr >= 0 or not math.isfinite(config.lr):
+    raise ValueError(f'config.lr={config.lr} must be a finite number >= 0 (the peak of '
+                     f'config.schedule.name={config.schedule.name!r}).')
   if config.batch_size % shards:
     raise ValueError(
         f'config.batch_size={config.batch_size} does not divide over the {shards} batch shards '
@@ -37,6 +44,8 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
   if spec.needs_bias and config.model.get('bias_init') is None:
     raise ValueError(f'config.loss.name={config.loss.name!r} needs a learned bias: set '
                      'config.model.bias_init (SigLIP: -10.0).')
+  for name in [n for n, _ in config.input.mixture] or [config.input.name]:
+    sources.check_name(name)  # A scheme typo ('cvs:') would reach TFDS's name parser.
   preprocess.get_preprocess_fn(input_pipeline.format_pp(config.input.pp, config))
   for cfg in config.evals.values():
     if 'pp_img' in cfg:
