@@ -110,6 +110,15 @@ def test_bench_input_times_the_training_stream(shapes_data_dir):
   assert row['input_examples_per_sec'] > 0 and row['input_mean_examples_per_sec'] > 0
 
 
+def test_bench_input_sizes_the_data_state(shapes_data_dir, tmp_path):
+  from configs import demo as demo_config
+  c = demo_config.get_config('tiny')
+  c.data_dir = shapes_data_dir
+  row = _tool('bench_input').data_state_size(c, 2, str(tmp_path))
+  assert row['data_state_bytes'] > 1000 and os.path.isfile(tmp_path / 'shard_0' / 'state')
+  assert 0 < row['data_state_snapshot_s'] <= row['data_state_written_s']
+
+
 def test_bench_precision_prints_the_bf16_logit_error():
   import json
   import subprocess

@@ -10,6 +10,9 @@ with nothing consuming them: `input_examples_per_sec`, the median over `--batche
 after `--warmup` (the shuffle buffer fills during the warm-up). Then, unless `--nostep`,
 the train step's consumption on this host's devices (tools/bench_step.py's measurement):
 `step_examples_per_sec`, and `headroom` = input / step (>= 1: the input keeps up).
+With `--data_state N`: the training loop's stream after N batches, saved as a checkpoint
+saves it: `data_state_bytes`, and the seconds the step waits for the snapshot and the
+seconds until the writer thread is done (BENCHMARKS.md section 8).
 """
 import json
 import os
@@ -32,6 +35,7 @@ def define_flags():
   flags.DEFINE_integer('warmup', 5, 'Untimed batches first.')
   flags.DEFINE_bool('step', True, 'Also time the train step (bench_step) for comparison.')
   flags.DEFINE_integer('steps', 5, 'Timed train steps.')
+  flags.DEFINE_integer('data_state', 0, 'Also save the data state after this many batches.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -56,6 +60,25 @@ def input_examples_per_sec(config, batches: int, warmup: int) -> dict:
           'local_batch': local}
 
 
+def data_state_size(config, batches: int, directory: str) -> dict:
+  """The data state of the loop's stream (loop.make_batches) after `batches` batches."""
+  from mmcl import fs
+  from mmcl.parallel import mesh as mesh_lib
+  from mmcl.train import loop
+  stream = loop.make_batches(config, mesh_lib.create_mesh(config.mesh), config.seed)
+  for _ in range(batches):
+    next(stream)
+  start = time.perf_counter()
+  stream.save_async(directory)
+  snapshot = time.perf_counter() - start
+  stream.wait()
+  written = time.perf_counter() - start
+  size = sum(fs.path(fs.join(directory, n, 'state')).stat().length
+             for n in fs.listdir(directory))  # One shard_<i>/state per data shard.
+  return {'data_state_bytes': size, 'data_state_snapshot_s': round(snapshot, 3),
+          'data_state_written_s': round(written, 3), 'data_state_after_batches': batches}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -75,6 +98,10 @@ def main(argv):
     import jax
     row['step_examples_per_sec'] = round(step['examples_per_sec'] / jax.process_count(), 2)
     row['headroom'] = round(row['input_examples_per_sec'] / row['step_examples_per_sec'], 2)
+  if f.data_state:
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+      row.update(data_state_size(config, f.data_state, directory))
   print(json.dumps(row), flush=True)
 
 
