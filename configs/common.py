@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.cache = False
   # Records in a row dropped (wrong shape, undecodable) before the run stops, naming why:
   # a stream that keeps nothing (e.g. image_size not matching the pp string) would hang.
+  # 0: no limit (a SIGTERM still ends the wait).
   c.input.max_dropped_in_a_row = 10_000
   # Data shards (one tf.data pipeline each); None = one per process. The stream depends on
   # the shard count only, so fix it to resume a run under a different number of processes.
