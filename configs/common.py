@@ -74,3 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.evals = ml_collections.ConfigDict()
   return c
+
+
+def zeroshot_evals(tiny: bool) -> dict:
+  """The paper recipes' evaluation: zero-shot ImageNet every 10k steps, or for ':tiny'
+  the synthetic shapes' test split at the end."""
+  if tiny:
+    return {'zeroshot': dict(
+        type='zeroshot', every=0, dataset='mmcl_shapes/tiny', split='test',
+        pp_img='decode|value_range(-1, 1)', batch_size=256,
+        tasks=dict(shape=dict(label_key='shape', prompts='mmcl_shapes/shape')))}
+  return {'imagenet': dict(
+      type='zeroshot', every=10_000, datasets=['imagenet2012'], batch_size=1024,
+      pp_img='decode|resize({image_size})|value_range(-1, 1)')}

@@ -79,15 +79,7 @@ def recipe(arg: str, *, variant: str, res: int, batch_size: int, steps: int,
       global_entropy_tau=math.log(num_experts / 4))
   c.loss.name = 'softmax'
 
-  if tiny:
-    c.evals.zeroshot = dict(
-        type='zeroshot', every=0, dataset='mmcl_shapes/tiny', split='test',
-        pp_img='decode|value_range(-1, 1)', batch_size=256,
-        tasks=dict(shape=dict(label_key='shape', prompts='mmcl_shapes/shape')))
-  else:
-    c.evals.imagenet = dict(
-        type='zeroshot', every=10_000, datasets=['imagenet2012'], batch_size=1024,
-        pp_img='decode|resize({image_size})|value_range(-1, 1)')
+  c.evals.update(common.zeroshot_evals(tiny))
   return c
 
 
