@@ -27,7 +27,7 @@ from mmcl.parallel import hlo
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
 from mmcl.parallel import topology
-from mmcl.train import loop
+from mmcl.train import loop, optim
 
 _HEAD_RE = re.compile(r'(^|/)(head|img_head|txt_head)(/|$)')
 EXCESS_TOLERANCE = 0.05  # Collectives beyond the minimum that a report flags.
@@ -78,7 +78,7 @@ def _advice(config, state_bytes: int, replicated_state_bytes: int, local_batch: 
     tips.append(f"an 'fsdp' mesh axis, e.g. config.mesh=(('data', -1), ('fsdp', 16)): "
                 f'{replicated_state_bytes / 2**30:.2f} GiB of parameters and optimizer state '
                 'are replicated on every chip now')
-  if str(config.model.get('remat', 'none')) in ('none', 'False'):
+  if not _remat(config):
     tips.append("config.model.remat='full' (or 'dots'): recompute activations in the "
                 'backward pass instead of keeping them')
   if config.get('accum_steps', 1) == 1 and local_batch > 1:
@@ -105,10 +105,13 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   batch_axes = mesh_lib.batch_axes(mesh)
   compute = np.dtype(jax.numpy.dtype(config.model.get('dtype', 'float32'))).itemsize
   grads = gathers = 0.0
-  frozen = _frozen_towers(config, s)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(s.abstract_state['params']):
-    sharding = _leaf_at(s.state_sharding['params'], path)
-    if _is_frozen(config, path):  # No gradient (LiT's locked tower).
+  params = s.abstract_state['params']
+  trained = _trained(config, params)
+  frozen = frozen_towers(config, params)
+  for (path, leaf), sharding, train in zip(jax.tree_util.tree_leaves_with_path(params),
+                                           jax.tree.leaves(s.state_sharding['params']),
+                                           jax.tree.leaves(trained)):
+    if not train:  # No gradient (LiT's locked tower).
       continue
     float32 = not leaf.shape or _HEAD_RE.search(partition.path_str(path))
     full = math.prod(leaf.shape) * (np.dtype(leaf.dtype).itemsize if float32 else compute)
@@ -123,7 +126,7 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
       grads += (fsdp - 1) / fsdp * full / (sharded / fsdp)
     if reduce_over > 1:
       grads += 2 * (reduce_over - 1) / reduce_over * full / sharded
-  if str(config.model.get('remat', 'none')) not in ('none', 'False'):
+  if _remat(config):
     gathers *= 2  # Remat recomputes the forward pass, gathering the weights again.
   n = mesh_lib.num_batch_shards(mesh)
   exchange = None
@@ -137,26 +140,23 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
   return dict(gradients=grads, fsdp_gathers=gathers, loss_exchange=exchange, total=total)
 
 
-def _is_frozen(config, path) -> bool:
-  pattern = config.optim.get('freeze')
-  return bool(pattern) and re.fullmatch(pattern, partition.path_str(path)) is not None
+def _remat(config) -> bool:
+  return str(config.model.get('remat', 'none')) not in ('none', 'False')
 
 
-def _frozen_towers(config, s) -> set:
+def _trained(config, params):
+  """A tree of bools: False for what config.optim.freeze freezes."""
+  return optim.trained_mask(config, params) or jax.tree.map(lambda _: True, params)
+
+
+def frozen_towers(config, params) -> set:
   """'img' / 'txt' when every parameter of that two-tower tower is frozen."""
-  out = set()
-  for tower in ('img', 'txt'):
-    leaves = [p for p, _ in jax.tree_util.tree_leaves_with_path(s.abstract_state['params'])
-              if partition.path_str(p).startswith(tower + '/')]
-    if leaves and all(_is_frozen(config, p) for p in leaves):
-      out.add(tower)
-  return out
-
-
-def _leaf_at(tree, path):
-  for key in path:
-    tree = tree[getattr(key, 'key', getattr(key, 'idx', key))]
-  return tree
+  towers = {}
+  for (path, _), train in zip(jax.tree_util.tree_leaves_with_path(params),
+                              jax.tree.leaves(_trained(config, params))):
+    tower = partition.path_str(path).split('/')[0]
+    towers[tower] = towers.get(tower, False) or train
+  return {t for t in ('img', 'txt') if towers.get(t) is False}
 
 
 def _slice_mesh(mesh):
@@ -276,8 +276,8 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
       local_batch=local_batch)
   # A frozen tower runs forward only: its 2x backward share is not model work.
   towers = {'img': 'image', 'txt': 'text'}
-  model_flops = (f['train'] - sum(2 * f[towers[t]] for t in _frozen_towers(config, s))
-                 ) * local_batch
+  frozen = frozen_towers(config, s.abstract_state['params'])
+  model_flops = (f['train'] - sum(2 * f[towers[t]] for t in frozen)) * local_batch
   out['flops'] = dict(xla_per_chip=float(cost.get('flops', 0.0)),
                       model_per_chip=model_flops,
                       hbm_bytes_accessed=float(cost.get('bytes accessed', 0.0)))
