@@ -76,7 +76,7 @@ def _iota_groups(groups: int, size: int, dims: str, perm: str | None) -> np.ndar
   return ids.reshape(groups, size)
 
 
-def _first_group(line: str, num_devices: int | None) -> tuple[int, ...]:
+def _first_group(line: str) -> tuple[int, ...]:
   """The first replica group's logical device ids, from any of the forms XLA prints."""
   m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)  # {{0,1,2,3},{4,5,6,7}}
   if m:
@@ -117,9 +117,8 @@ def _mesh_group(m) -> tuple[int, ...]:
   return tuple(int(i) for i in grid[index].reshape(-1))
 
 
-def _group_size(line: str, num_devices: int | None) -> int:
-  """Devices per replica group, from any of the forms XLA prints."""
-  group = _first_group(line, num_devices)
+def _group_size(group: tuple[int, ...], line: str, num_devices: int | None) -> int:
+  """Devices per replica group: the printed first group's, else every device."""
   if group:
     return len(group)
   if num_devices is None:
@@ -185,7 +184,8 @@ def collectives(compiled_or_text, num_devices: int | None = None,
                      for dt, dims in _SHAPE_RE.findall(result_type))
       if start and kind != 'all-reduce':
         shapes = shapes[len(shapes) // 2:]  # (operands..., results...): keep the results.
-      group = _group_size(line, num_devices)
+      first = _first_group(line)
+      group = _group_size(first, line, num_devices)
       if group == 1 and not keep_trivial:
         continue
       size = sum(_leaf_bytes(dt, dims) for dt, dims in shapes)
@@ -193,7 +193,7 @@ def collectives(compiled_or_text, num_devices: int | None = None,
         size *= group
       meta = _META_RE.search(line)
       c = Collective(kind, name, shapes, group, size, meta.group(1) if meta else '',
-                     runs[comp], _first_group(line, num_devices))
+                     runs[comp], first)
       chain = re.search(r'chain_id="(\d+)"', line)
       if chain:  # One piece of a collective split over fusions: count the chain once.
         key = (kind, chain.group(1))
