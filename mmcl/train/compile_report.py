@@ -193,8 +193,13 @@ def _compile(fn, *args):
 
 
 def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = True,
-           hlo_dir: str | None = None) -> dict:
-  """The fit report of `config` on `devices` (module docstring); never raises for memory."""
+           hlo_dir: str | None = None, executables: dict | None = None) -> dict:
+  """The fit report of `config` on `devices` (module docstring); never raises for memory.
+
+  `executables`, if given, receives each compiled program by name ('train_step',
+  'embed_images', 'embed_texts'), so a caller can read them without compiling again.
+  """
+  executables = {} if executables is None else executables
   s = loop.setup(config, devices)
   mesh = s.mesh
   device = mesh.devices.flat[0]
@@ -227,6 +232,7 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
     out['advice'] = _advice(config, state_b, replicated, local_batch)
     return out
   out['compile_sec'] = round(secs, 1)
+  executables['train_step'] = compiled
   mem = memory(compiled)
   out['memory'].update(mem)
   cap = out['memory']['capacity_bytes']
@@ -290,11 +296,11 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
     out['bound'] = bound
     out['mfu_bound'] = round(model_flops / chip.peak_flops / bounds[bound], 4)
   if evals:
-    out['evals'] = _eval_steps(config, s, hlo_dir)
+    out['evals'] = _eval_steps(config, s, hlo_dir, executables)
   return out
 
 
-def _eval_steps(config, s: loop.Setup, hlo_dir) -> dict:
+def _eval_steps(config, s: loop.Setup, hlo_dir, executables: dict) -> dict:
   """Peak memory of the evaluators' image and text embedding steps at their batch size."""
   from mmcl import evaluate  # Evaluators import tf.data lazily; the Predictor does not.
   predictor = evaluate.Predictor(s.model, s.mesh)
@@ -311,6 +317,7 @@ def _eval_steps(config, s: loop.Setup, hlo_dir) -> dict:
     with jax.set_mesh(s.mesh):
       compiled, secs = _compile(fn, params, jax.ShapeDtypeStruct(shape, dtype,
                                                                  sharding=sharding))
+    executables[name] = compiled
     out[name] = dict(batch=batch, peak_bytes=memory(compiled)['peak_bytes'],
                      compile_sec=round(secs, 1))
     if hlo_dir:
