@@ -1,5 +1,10 @@
 r"""LIMoE-H/14: the paper's largest model, 32 experts every 2 layers, batch 16,384 for
 781,250 steps at resolution 224 (shared/PAPERS.md); see configs/limoe_b16.py for the rest.
+Target: v4:8x8x8 (512 chips, megacore). Fit (tools/compile.py, BENCHMARKS.md section 5):
+experts over 8 chips, FSDP of the other weights and Adam state over 4, and remat: 17.60 of
+32 GiB per chip (45% spare).
+
+  python tools/compile.py --config configs/limoe_h14.py --topology v4:8x8x8
 
   python tools/train.py --config configs/limoe_h14.py --workdir gs://bucket/limoe_h14 \
       --config.input.name=<tfds image-text dataset> --config.data_dir=<tfds data_dir> \
