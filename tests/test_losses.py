@@ -1,28 +1,13 @@
-"""Distributed losses against a single-device float64 reference, values and gradients."""
-import functools
-import zlib
-
+"""The loss drivers: global row order, errors, the ring's claim (values against float64
+references for every registered loss: tests/test_research_losses.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmcl import losses
+from mmcl.losses import registry
 from mmcl.parallel import mesh as mesh_lib
-
-
-def _reference(name, zimg, ztxt, scale, bias):
-  """Plain numpy-style formulas from the papers, run in float64."""
-  logits = scale * zimg @ ztxt.T
-  n = zimg.shape[0]
-  if name == 'softmax':
-    i2t = jnp.mean(jax.nn.logsumexp(logits, 1) - jnp.diag(logits))
-    t2i = jnp.mean(jax.nn.logsumexp(logits, 0) - jnp.diag(logits))
-    return (i2t + t2i) / 2
-  if name == 'sigmoid':
-    z = 2 * jnp.eye(n) - 1
-    return -jnp.sum(jax.nn.log_sigmoid(z * (logits + bias))) / n
-  raise ValueError(name)
 
 
 def _inputs(seed, batch=32, dim=16):
@@ -35,33 +20,26 @@ def _inputs(seed, batch=32, dim=16):
   return zimg, ztxt, rng.uniform(2.0, 20.0), rng.uniform(-8.0, 0.0)
 
 
-@pytest.mark.parametrize('mesh_config', [[('data', 8)], [('data', 4), ('fsdp', 2)],
-                                         [('data', 2), ('fsdp', 4)]])
-@pytest.mark.parametrize('impl', ['gather', 'global', 'ring'])
-@pytest.mark.parametrize('name', ['softmax', 'sigmoid'])
-def test_loss_matches_float64_reference(name, impl, mesh_config):
-  mesh = mesh_lib.create_mesh(mesh_config)
-  zimg, ztxt, scale, bias = _inputs(seed=zlib.crc32(f'{name}/{impl}/{mesh_config}'.encode()))
-  fn = losses.make_loss_fn(name, impl, mesh, chunk=2)  # 2 x 2 tiles of 4 local rows.
-  sharding = mesh_lib.batch_sharding(mesh)
+@pytest.fixture
+def ring_claiming_gather_loss():
+  """A loss registered with 'ring' whose body gathers whole rows instead."""
+  @losses.register_loss('_claims_ring', impls=('global', 'gather', 'ring'))
+  def loss(zimg_bxD, ztxt_bxD, ctx):
+    logits = ctx.scale * zimg_bxD @ ctx.all_gather(ztxt_bxD).T
+    return ctx.psum(jnp.sum(jax.nn.logsumexp(logits, axis=1))), {}
+  yield '_claims_ring'
+  del registry._LOSSES['_claims_ring']
 
-  def loss(zi, zt, s, b):
-    return fn(zi, zt, s, b)[0]
 
-  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-  args32 = (jax.device_put(zimg.astype(np.float32), sharding),
-            jax.device_put(ztxt.astype(np.float32), sharding),
-            jnp.float32(scale), jnp.float32(bias))
-  value, grads = grad_fn(*args32)
-  with jax.enable_x64(True):
-    ref_value, ref_grads = jax.value_and_grad(
-        functools.partial(_reference, name), argnums=(0, 1, 2, 3))(
-            jnp.asarray(zimg), jnp.asarray(ztxt), jnp.float64(scale), jnp.float64(bias))
-  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
-  for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
-  if name == 'softmax':  # no bias in CLIP: its gradient must be exactly zero.
-    assert float(grads[3]) == 0.0
+def test_a_loss_claiming_ring_must_run_the_ring(ring_claiming_gather_loss):
+  mesh = mesh_lib.create_mesh([('data', 8)])
+  zimg, ztxt, scale, _ = _inputs(seed=4, batch=16)
+  gather = losses.make_loss_fn(ring_claiming_gather_loss, 'gather', mesh)
+  assert np.isfinite(float(jax.jit(gather)(zimg, ztxt, scale)[0]))
+  ring = losses.make_loss_fn(ring_claiming_gather_loss, 'ring', mesh)
+  with pytest.raises(ValueError, match="'_claims_ring' is registered with impl 'ring' but "
+                                       "did not run the ring"):
+    jax.jit(ring)(zimg, ztxt, scale)
 
 
 def test_gathered_rows_keep_global_order():

@@ -4,7 +4,7 @@ import functools
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mmcl.losses import registry
+from mmcl.losses import registry, ring
 from mmcl.losses.registry import LossContext, get_loss
 from mmcl.parallel import mesh as mesh_lib
 
@@ -24,8 +24,15 @@ def make_loss_fn(name: str, impl: str, mesh: Mesh, *, chunk: int = 1024, **optio
   @registry.loss_precision
   def local(zimg, ztxt, scale, bias, extras, axis_names):
     ctx = LossContext(scale=scale, bias=bias, axis_names=axis_names, impl=impl,
-                      chunk=chunk, options=options, extras=extras)
-    return spec.fn(zimg, ztxt, ctx, **options)
+                      chunk=chunk, extras=extras)
+    before = ring.traces()
+    out = spec.fn(zimg, ztxt, ctx, **options)
+    if impl == 'ring' and ring.traces() == before:
+      raise ValueError(
+          f"Loss {name!r} is registered with impl 'ring' but did not run the ring: write it "
+          "with rows.row_stats_loss (a RowLoss in statistics form) or call "
+          "ring.ring_stats, or drop 'ring' from its register_loss(impls=...).")
+    return out
 
   def fn(zimg_BxD, ztxt_BxD, scale, bias=None, *, extras=None):
     extras = dict(extras or {})

@@ -16,7 +16,6 @@ Adding a loss: write `mmcl/losses/my_loss.py` with a function decorated by
 """
 from collections.abc import Callable
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +88,6 @@ class LossContext:
   axis_names: tuple[str, ...] = ()
   impl: str = 'global'
   chunk: int = 1024  # Ring impl: tile side (rows and columns) within a device.
-  options: dict[str, Any] = dataclasses.field(default_factory=dict)
   extras: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
   @property

@@ -21,7 +21,15 @@ from jax import lax
 import jax.numpy as jnp
 
 from mmcl.losses import registry
-from mmcl.losses.rows import RowLoss
+
+# How many times ring_stats has been traced: `distributed.make_loss_fn` checks that a loss
+# run with impl='ring' really took this path (a loss that claims 'ring' but computes its
+# logits some other way would otherwise silently run the gather path's memory).
+_traces = 0
+
+
+def traces() -> int:
+  return _traces
 
 
 def tile_size(b: int, chunk: int) -> int:
@@ -66,14 +74,16 @@ def _sliced(tree, i, t):
   return jax.tree.map(lambda x: _slice(x, i, t), tree)
 
 
-def ring_stats(spec: RowLoss, q_bxD, k_bxD, scale, bias, pos_b, *,
+def ring_stats(spec, q_bxD, k_bxD, scale, bias, pos_b, *,
                axis_names: tuple[str, ...], chunk: int):
   """(stats of the local q rows vs ALL k rows, stats of the local k rows vs ALL q rows).
 
   The second is {} unless `spec.symmetric`. Runs inside `shard_map` over `axis_names` (or
-  on one device when empty). `pos_b` holds each local pair's logit. Differentiable in all
-  array arguments by a custom VJP that recomputes the tiles.
+  on one device when empty). `spec` is a `rows.RowLoss`; `pos_b` holds each local pair's
+  logit. Differentiable in all array arguments by a custom VJP that recomputes the tiles.
   """
+  global _traces
+  _traces += 1
   b = q_bxD.shape[0]
   t = tile_size(b, chunk)
   n_tiles = b // t

@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mmcl.losses import ring
 from mmcl.losses.registry import LossContext
 
 KINDS = ('lse', 'sum')
@@ -64,7 +65,6 @@ def row_stats_loss(zimg_bxD, ztxt_bxD, ctx: LossContext, spec: RowLoss,
   Each direction's sum over the global rows is divided by the global batch, times
   `pairs_per_row` for losses that sum over pairs; symmetric losses average the directions.
   """
-  from mmcl.losses import ring  # ring imports this module for RowLoss.
   b = zimg_bxD.shape[0]
   _, batch = ctx.global_rows(b)
   bias = ctx.bias if spec.with_bias else None

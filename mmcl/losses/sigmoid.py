@@ -25,7 +25,7 @@ SIGMOID = rows.RowLoss(stats=_pair_terms, kinds={'sum': 'sum'},
                        finish=lambda pos_r, s: s['sum'], symmetric=False, with_bias=True)
 
 
-@register_loss('sigmoid', impls=('global', 'gather', 'ring'), needs_bias=True)
+@register_loss('sigmoid', impls=('global', 'gather', 'ring'), needs_bias=SIGMOID.with_bias)
 def sigmoid_loss(zimg_bxD, ztxt_bxD, ctx: LossContext):
   loss, metrics = rows.row_stats_loss(zimg_bxD, ztxt_bxD, ctx, SIGMOID)
   del metrics['loss_i2t']  # The only direction: equal to the loss.
