@@ -280,3 +280,56 @@ def test_flexi_vit_same_patch_size_is_the_plain_vit_and_other_sizes_run_sharded(
       ref = _vit(posemb_grid=4, apply_patch_size=p, dtype='float64').apply(
           p64, image.astype(np.float64))[0]
     np.testing.assert_allclose(z, ref, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ NaFlex blocks
+
+
+def _naflex_batch(rng, grids, budget, d):
+  """Tokens of images with grids (h, w), padded to `budget`: x, valid, rows, cols."""
+  b = len(grids)
+  x = rng.standard_normal((b, budget, d)).astype(np.float32)  # Padding holds noise too.
+  valid = np.zeros((b, budget), bool)
+  rows = np.full((b, budget), -1, np.int32)
+  cols = np.full((b, budget), -1, np.int32)
+  for i, (h, w) in enumerate(grids):
+    valid[i, :h * w] = True
+    rows[i, :h * w], cols[i, :h * w] = np.divmod(np.arange(h * w), w)
+  return x, valid, rows, cols
+
+
+def test_naflex_padded_attention_and_pooling_equal_each_image_alone():
+  from mmcl.models import naflex  # pylint: disable=g-import-not-at-top
+  from mmcl.models import transformer  # pylint: disable=g-import-not-at-top
+  grids = [(2, 4), (3, 3), (4, 2), (1, 5), (3, 4), (2, 2), (4, 3), (1, 1)]  # 8 images.
+  budget, d = 12, 16
+  x, valid, rows, cols = _naflex_batch(np.random.default_rng(0), grids, budget, d)
+  enc = transformer.Encoder(depth=1, mlp_dim=32, num_heads=2)
+  params = enc.init(jax.random.key(0), x[:1, :4])
+
+  @jax.jit
+  def padded(params, x, valid):
+    y = enc.apply(params, x, naflex.attention_mask(valid))
+    return naflex.masked_mean(y, valid)
+
+  out = padded(params, _sharded(x), _sharded(valid))
+  with jax.enable_x64(True):  # Reference: each image alone, unpadded, in float64.
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    enc64 = transformer.Encoder(depth=1, mlp_dim=32, num_heads=2, dtype=jnp.float64)
+    for i, (h, w) in enumerate(grids):
+      alone = enc64.apply(p64, x[i:i + 1, :h * w].astype(np.float64))
+      np.testing.assert_allclose(out[i], np.asarray(alone).mean(axis=1)[0], atol=1e-5)
+
+
+def test_naflex_posemb_is_each_image_grid_resampled():
+  from mmcl.models import naflex  # pylint: disable=g-import-not-at-top
+  grids = [(2, 4), (3, 3), (4, 2), (1, 5), (3, 4), (2, 2), (4, 3), (5, 1)]
+  budget, d = 12, 6
+  _, _, rows, cols = _naflex_batch(np.random.default_rng(0), grids, budget, d)
+  pos = np.random.default_rng(1).standard_normal((1, 16, d)).astype(np.float32)  # 4 x 4.
+  hw = np.array(grids, np.int32)
+  got = jax.jit(lambda *a: naflex.posemb_per_image(pos, *a, max_grid=5))(
+      _sharded(hw), _sharded(rows), _sharded(cols))
+  for i, (h, w) in enumerate(grids):
+    want = posemb.resample(pos, (h, w))[0]
+    np.testing.assert_allclose(got[i, :h * w], want, atol=1e-5)
