@@ -301,7 +301,8 @@ def _naflex_batch(rng, grids, budget, d):
 def test_naflex_padded_attention_and_pooling_equal_each_image_alone():
   from mmcl.models import naflex  # pylint: disable=g-import-not-at-top
   from mmcl.models import transformer  # pylint: disable=g-import-not-at-top
-  grids = [(2, 4), (3, 3), (4, 2), (1, 5), (3, 4), (2, 2), (4, 3), (1, 1)]  # 8 images.
+  # 8 images, two token counts (8, 9): the per-image reference then compiles twice, not 8x.
+  grids = [(2, 4), (3, 3), (4, 2), (1, 9), (8, 1), (9, 1), (1, 8), (3, 3)]
   budget, d = 12, 16
   x, valid, rows, cols = _naflex_batch(np.random.default_rng(0), grids, budget, d)
   enc = transformer.Encoder(depth=1, mlp_dim=32, num_heads=2)
