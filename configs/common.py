@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
       dict(type='learned', value=config_dict.placeholder(float),
            init=config_dict.placeholder(float), end=config_dict.placeholder(float)))
   c.accum_steps = 1  # GradCache micro-batches: same gradient, less activation memory.
+  # Resolution and tokens (docs/resolution.md; mmcl/train/variants.py): FLIP's unmasked
+  # final phase starts at this step (0: never), and FlexiViT's per-step patch sizes.
+  c.unmasked_from_step = 0
+  c.flexi_patch_sizes = ()
 
   c.lr = 1e-3
   c.optim = ml_collections.ConfigDict()

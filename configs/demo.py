@@ -43,8 +43,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                 'tokenize(max_len={text_len}, tokenizer="{tokenizer}", inkey="texts", '
                 'outkey="text")|keep("image", "text")')
 
+  # patch_dropout (FLIP), posemb_grid and apply_patch_size (FlexiViT): docs/resolution.md.
   c.model.image = ml_collections.ConfigDict(
-      dict(variant='pico/8' if tiny else 'nano/16', pool='gap'))
+      dict(variant='pico/8' if tiny else 'nano/16', pool='gap', patch_dropout=0.0,
+           posemb_grid=config_dict.placeholder(int),
+           apply_patch_size=config_dict.placeholder(int)))
   c.model.text = ml_collections.ConfigDict(
       dict(variant='pico', depth=None if tiny else 1, style='siglip' if siglip else 'clip', vocab_size=258,
            max_len=c.get_ref('text_len')))

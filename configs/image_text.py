@@ -46,6 +46,8 @@ def recipe(arg: str, *, image: dict, text: dict, embed_dim: int, loss: str, batc
       'keep("image", "text")')
 
   c.model.name = 'two_towers'
+  # patch_dropout: FLIP (docs/resolution.md), e.g. --config.model.image.patch_dropout=0.5.
+  image = dict(image, patch_dropout=0.0)
   c.model.image = ml_collections.ConfigDict(
       dict(image, variant='pico/8') if tiny else image)
   c.model.text = ml_collections.ConfigDict(

@@ -312,3 +312,27 @@ def test_clip_bpe_in_a_pp_string():
                                     'outkey="text")')
   ids = fn({'t': tf.constant('a photo of the cat')})['text'].numpy()
   np.testing.assert_array_equal(ids, _clip_bpe().tokenize('a photo of the cat', 8)[0])
+
+
+def test_big_vision_import_at_another_resolution_resamples_the_posemb():
+  from mmcl.convert import big_vision  # pylint: disable=g-import-not-at-top
+  from mmcl.models import posemb  # pylint: disable=g-import-not-at-top
+  sd = _big_vision_npz(np.random.default_rng(0))  # 16 px, patch 8: a 2 x 2 grid.
+  imp = big_vision.import_big_vision(sd, resize_to=32)
+  assert imp.image_size == 32 and imp.params['img']['pos_embedding'].shape == (1, 16, 32)
+  np.testing.assert_allclose(imp.params['img']['pos_embedding'], posemb.resample(
+      sd['params/img/pos_embedding'], (4, 4)))
+  with pytest.raises(ValueError, match='not a multiple of the patch size 8'):
+    big_vision.import_big_vision(sd, resize_to=36)
+
+
+def test_open_clip_import_at_another_resolution():
+  path, cfg, _ = _fixture('vit_quickgelu')
+  base = oc.import_open_clip(path, cfg)
+  size = oc.image_size(base.open_clip_config)
+  imp = oc.import_open_clip(path, cfg, resize_to=2 * size, resample='bicubic')
+  assert oc.image_size(imp.open_clip_config) == 2 * size
+  n = base.params['img']['pos_embedding'].shape[1]
+  assert imp.params['img']['pos_embedding'].shape[1] == 4 * n
+  # The class token's position is folded into 'cls' on import: not resampled, unchanged.
+  np.testing.assert_array_equal(imp.params['img']['cls'], base.params['img']['cls'])

@@ -4,6 +4,7 @@ r"""Train-step throughput of a config: one JSON line of measured and analytic fi
   python tools/bench_step.py --config configs/demo.py --batch 256 --steps 5
   python tools/bench_step.py --config configs/demo.py:tiny --devices 8 --collectives
   python tools/bench_step.py --roofline v4:256,v5e:256 --batch 32768
+  python tools/bench_step.py --config configs/demo.py --patch_dropout 0,0.5,0.75   # FLIP
 
 Compiles the real train step of the config (mmcl.train.loop.setup) on the available devices
 (or `--devices` forced host devices), feeds it one batch of random images and texts of the
@@ -30,6 +31,8 @@ model code (op_name) that made each op.
 With `--reference open_clip` it also times open_clip's CLIP of configs/bench_small.py (an
 AdamW step on a batch of the same shape) in the same process, when torch and open_clip are
 installed (optional: see BENCHMARKS.md), and adds `reference_examples_per_sec` and `ratio`.
+`--patch_dropout R1,R2,...` prints one line per FLIP patch-dropout ratio (the image tower's
+`patch_dropout`, docs/resolution.md), each with its `patch_dropout` figure.
 `--roofline CHIP:N,...` instead prints, from shapes only, per-chip lower bounds (compute, HBM,
 collectives) of B/16, L/14 and LIMoE-B/16 train steps on TPU slices (see `roofline`).
 """
@@ -59,6 +62,8 @@ def define_flags():
   flags.DEFINE_bool('collectives', False, 'Also print the table of collectives (stderr).')
   flags.DEFINE_string('trace', None, 'After timing, trace 2 steps with jax.profiler into this '
                       'directory and print the ops that took the most time (stderr).')
+  flags.DEFINE_list('patch_dropout', None, 'One row per image patch-dropout ratio (FLIP), '
+                    'e.g. 0,0.5,0.75.')
   flags.DEFINE_list('roofline', None, 'Instead: roofline rows for CHIP:N slices, e.g. '
                     'v4:256,v5e:256 (chips), of B/16, L/14 and LIMoE-B/16 at --batch.')
 
@@ -365,7 +370,18 @@ def main(argv):
   if f.batch:
     config.batch_size = f.batch
   config.progress_bar = False
-  row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
+  for ratio in f.patch_dropout or [None]:
+    if ratio is not None:
+      with config.unlocked():  # TwoTowers keeps it in the image tower, LIMoE at the top.
+        tower = config.model if config.model.name == 'limoe' else config.model.image
+        tower.patch_dropout = float(ratio)
+    row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
+    if ratio is not None:
+      row = {'patch_dropout': float(ratio), **row}
+    _print_row(f, config, row)
+
+
+def _print_row(f, config, row):
   colls = row.pop('_colls')
   if f.collectives:
     from mmcl.parallel import hlo

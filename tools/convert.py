@@ -8,6 +8,9 @@ r"""Pretrained weights in and out of mmcl (see docs/pretrained.md).
   python tools/convert.py import --source open_clip --weights openai_b32.bin --quick_gelu --out ...
   # big_vision SigLIP .npz -> mmcl
   python tools/convert.py import --source big_vision --weights webli_en_b16_224.npz --out /tmp/siglip
+  # ... at another resolution: the position embedding resampled to the 384 px grid
+  python tools/convert.py import --source big_vision --weights webli_en_b16_224.npz \
+      --image_size 384 --out /tmp/siglip384
   # mmcl -> open_clip: OUT.safetensors + OUT.json (open_clip's model config format)
   python tools/convert.py export --params /tmp/vitb32.npz --model_json /tmp/vitb32.json --out /tmp/oc
   # a demo trained with --config.model.image.pool=tok (open_clip ViTs have a class token)
@@ -34,6 +37,9 @@ flags.DEFINE_bool('fold_normalize', False, "import open_clip: fold OpenAI CLIP's
                   'into the patch embedding, so the model takes value_range(0, 1) images.')
 flags.DEFINE_integer('sticky_eos', 1, 'import big_vision: pads are embedded as this id (SigLIP '
                      'pads with EOS = 1); -1: off.')
+flags.DEFINE_integer('image_size', None, 'import: resample the position embedding for this '
+                     'image size (another resolution than the checkpoint\'s).')
+flags.DEFINE_enum('resample', 'bilinear', ['bilinear', 'bicubic'], 'import: how (--image_size).')
 flags.DEFINE_string('params', None, 'export: params .npz (from import) or <workdir>/ckpt/<step>.')
 flags.DEFINE_string('model_json', None, 'export: the .json written by import.')
 config_flags.DEFINE_config_file('config', None, 'export: an mmcl config (its .model is used).',
@@ -53,11 +59,13 @@ def main(argv):
       raise app.UsageError('import needs --weights.')
     if f.source == 'open_clip':
       imp = open_clip.import_open_clip(f.weights, f.open_clip_config, head_width=f.head_width,
-                                       quick_gelu=f.quick_gelu)
+                                       quick_gelu=f.quick_gelu, resize_to=f.image_size,
+                                       resample=f.resample)
       size, length = open_clip.image_size(imp.open_clip_config), imp.model_config['text']['max_len']
     else:
       imp = big_vision.import_big_vision(f.weights, text_pool=f.text_pool,
-                                         sticky_eos=None if f.sticky_eos < 0 else f.sticky_eos)
+                                         sticky_eos=None if f.sticky_eos < 0 else f.sticky_eos,
+                                         resize_to=f.image_size, resample=f.resample)
       size, length = imp.image_size, imp.context_length
     meta = dict(model=imp.model_config, image_size=size, text_len=length)
     params = imp.params

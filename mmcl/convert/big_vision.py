@@ -22,6 +22,7 @@ import numpy as np
 
 from mmcl.convert import io
 from mmcl.convert import open_clip as oc_lib
+from mmcl.models import posemb
 from mmcl.models import transformer
 
 
@@ -45,11 +46,14 @@ def _tower_shapes(flat, tower):
 
 
 def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str = 'last',
-                      sticky_eos: int | None = 1, check: bool = True) -> Imported:
+                      sticky_eos: int | None = 1, check: bool = True,
+                      resize_to: int | None = None, resample: str = 'bilinear') -> Imported:
   """A big_vision two-tower checkpoint (`.npz` path or flat dict) -> mmcl config and params.
 
   `sticky_eos`: big_vision's SigLIP texts are padded with EOS (`eos="sticky", pad_value=1`);
   mmcl's tokenizers pad with 0, so the text tower embeds pads as this id (`pad_as`). None: off.
+  `resize_to`: another image size; the position embedding is resampled to its grid (bilinear,
+  as big_vision's `resample_posemb`; mmcl/models/posemb.py).
   """
   source = weights if isinstance(weights, str) else 'npz'
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
@@ -99,7 +103,9 @@ def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str
   if 'b' in flat:
     cfg['bias_init'] = float(flat['b'])
   params = io.unflatten(flat)
+  size = grid * int(p)
+  if resize_to is not None and resize_to != size:
+    params, size = posemb.to_image_size(params, int(p), resize_to, resample), int(resize_to)
   if check:
-    io.check_params(params, oc_lib.abstract_params(cfg, grid * int(p), int(length)),
-                    f'{source} tensors')
-  return Imported(cfg, params, grid * int(p), int(length))
+    io.check_params(params, oc_lib.abstract_params(cfg, size, int(length)), f'{source} tensors')
+  return Imported(cfg, params, size, int(length))

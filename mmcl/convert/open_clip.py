@@ -22,6 +22,7 @@ import numpy as np
 
 from mmcl import fs
 from mmcl.convert import io
+from mmcl.models import posemb
 from mmcl.models import text as text_lib
 from mmcl.models import vit
 
@@ -286,14 +287,17 @@ class Imported(NamedTuple):
 
 def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | None = None,
                      *, head_width: int = HEAD_WIDTH, quick_gelu: bool | None = None,
-                     check: bool = True) -> Imported:
+                     check: bool = True, resize_to: int | None = None,
+                     resample: str = 'bilinear') -> Imported:
   """open_clip weights (a path or a flat state dict) -> mmcl model config and params.
 
   `config` is an open_clip model config dict or JSON path (optional; a hub
   `open_clip_config.json` with its "model_cfg" works too); `quick_gelu=True` for
   OpenAI's original weights (open_clip's '-quickgelu' names). Every tensor is mapped: a
   leftover or missing tensor is an error naming it. `check` also compares the params with
-  `jax.eval_shape` of the mmcl model's init.
+  `jax.eval_shape` of the mmcl model's init. `resize_to`: another image size to run at; the
+  position embedding is resampled to its grid (open_clip's `resize_pos_embed` does it
+  bicubically; `resample` picks, mmcl/models/posemb.py) and the config says the new size.
   """
   source = weights if isinstance(weights, str) else 'state dict'
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
@@ -315,6 +319,9 @@ def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | 
   tensors.check_all_taken()
   mcfg['temperature_init'] = float(np.exp(flat['t']))
   params = io.unflatten(flat)
+  if resize_to is not None and resize_to != image_size(cfg):
+    params = posemb.to_image_size(params, cfg['vision_cfg']['patch_size'], resize_to, resample)
+    cfg['vision_cfg']['image_size'] = int(resize_to)
   if check:
     io.check_params(params, abstract_params(mcfg, image_size(cfg),
                                             cfg['text_cfg']['context_length']))

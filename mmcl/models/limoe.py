@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmcl.models import moe as moe_lib
+from mmcl.models import patch_dropout as patch_dropout_lib
 from mmcl.models import text as text_lib
 from mmcl.models import transformer
 from mmcl.models import two_towers
@@ -47,6 +48,7 @@ class LIMoE(nn.Module):
   max_temperature: float | None = None
   bias_init: float | None = None
   dropout: float = 0.0
+  patch_dropout: float = 0.0  # FLIP, on the image tokens only (texts are short already).
   remat: bool | str = False  # Or a transformer.REMAT_POLICIES name.
   dtype: str = 'float32'
 
@@ -68,6 +70,7 @@ class LIMoE(nn.Module):
     if self.max_temperature is not None and self.max_temperature <= 0:
       raise ValueError(f'max_temperature must be > 0, got {self.max_temperature}.')
     transformer.canonical_dtype(self.dtype)
+    patch_dropout_lib.kept_count(1, self.patch_dropout)  # Range check.
 
   def hparams(self) -> dict:
     return vit.resolve_hparams(self.variant, self.width, self.depth, self.mlp_dim,
@@ -99,6 +102,9 @@ class LIMoE(nn.Module):
       pos_1xNxD = self.param('img_pos_embedding',
                              nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, h * w, d), pdt)
       x_BxNxD = x.reshape(b, h * w, d) + pos_1xNxD.astype(dtype)
+      if train and self.patch_dropout > 0:
+        x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
+                                                 self.make_rng('dropout'))
       x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
       x_BxNxD, aux = encoder(x_BxNxD, deterministic=not train, modality='image')
       add_aux(aux)

@@ -5,7 +5,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmcl.models import flexi
 from mmcl.models import moe as moe_lib
+from mmcl.models import patch_dropout as patch_dropout_lib
+from mmcl.models import posemb as posemb_lib
 from mmcl.models import transformer
 
 POOLS = ('tok', 'gap', 'map')
@@ -42,7 +45,15 @@ class ViT(nn.Module):
   """ViT: patchify -> (+pos, [cls]) -> pre-norm encoder -> pool -> head.
 
   Position embeddings are sized from the image seen at init, so apply must
-  use the same resolution.
+  use the same resolution, unless `posemb_grid` fixes their grid: then they are resampled
+  (mmcl.models.posemb) to whatever grid the image and patch size give.
+
+  Resolution and token options (docs/resolution.md); their defaults keep the plain ViT,
+  parameter layout included:
+    patch_dropout: FLIP, the fraction of patch tokens dropped per image in training.
+    posemb_grid: the stored position-embedding grid (g or (h, w)).
+    apply_patch_size: FlexiViT, patchify at this size with the PI-resized kernel (stored at
+      `patch_size`); needs posemb_grid unless the grid comes out the same.
   """
   variant: str | None = None
   num_classes: int | None = None  # Output (embedding) dim; None = no head.
@@ -63,6 +74,10 @@ class ViT(nn.Module):
   head_bias: bool = True  # False: bias-free projection head (open_clip proj).
   act: str = 'gelu_tanh'  # MLP activation, a transformer.ACTIVATIONS name.
   ln_eps: float = transformer.LN_EPS  # Encoder and pre_norm LayerNorm epsilon.
+  patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training.
+  posemb_grid: Any = None  # Stored posemb grid, g or (h, w); None: the init image's.
+  posemb_resample: str = 'bilinear'  # Or 'bicubic' (posemb.METHODS).
+  apply_patch_size: int | None = None  # FlexiViT: patchify at this size (PI-resize).
 
   def __post_init__(self):
     super().__post_init__()
@@ -78,6 +93,12 @@ class ViT(nn.Module):
       raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
     if self.pool == 'tok' and self.class_token is False:
       raise ValueError("ViT pool='tok' needs class_token=True (or None).")
+    patch_dropout_lib.kept_count(1, self.patch_dropout)  # Range check.
+    if self.posemb_resample not in posemb_lib.METHODS:
+      raise ValueError(f'Unknown ViT posemb_resample {self.posemb_resample!r}; '
+                       f'valid: {posemb_lib.METHODS}')
+    if self.apply_patch_size is not None and self.apply_patch_size <= 0:
+      raise ValueError(f'ViT apply_patch_size={self.apply_patch_size} must be > 0 or None.')
 
   def hparams(self) -> dict:
     return resolve_hparams(self.variant, self.width, self.depth, self.mlp_dim,
@@ -90,16 +111,26 @@ class ViT(nn.Module):
     p, d = hp['patch_size'], hp['width']
     out = {}
 
-    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
-                param_dtype=transformer.PARAM_DTYPE, name='embedding')(
-                    image_BxHxWx3.astype(dtype))
+    if self.apply_patch_size is None:
+      x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+                  param_dtype=transformer.PARAM_DTYPE, name='embedding')(
+                      image_BxHxWx3.astype(dtype))
+    else:  # Same params as the nn.Conv above, used at another patch size.
+      x = flexi.FlexiPatchEmbed(d, p, self.apply_patch_size, dtype=dtype,
+                                name='embedding')(image_BxHxWx3)
     b, h, w, _ = x.shape
     x_BxNxD = jnp.reshape(x, (b, h * w, d))
 
+    gh, gw = (h, w) if self.posemb_grid is None else posemb_lib.as_grid(self.posemb_grid)
     pos_1xNxD = self.param(
         'pos_embedding', nn.initializers.normal(stddev=1 / math.sqrt(d)),
-        (1, h * w, d), transformer.PARAM_DTYPE)
+        (1, gh * gw, d), transformer.PARAM_DTYPE)
+    if (gh, gw) != (h, w):
+      pos_1xNxD = posemb_lib.resample(pos_1xNxD, (h, w), (gh, gw), self.posemb_resample)
     x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
+    if train and self.patch_dropout > 0:  # FLIP; before the class token, so it always stays.
+      x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
+                                               self.make_rng('dropout'))
 
     use_cls = self.pool == 'tok' if self.class_token is None else (
         self.class_token)

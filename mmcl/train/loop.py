@@ -23,6 +23,7 @@ from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
 from mmcl.train import optim, step as step_lib
 from mmcl.train import validate as validate_lib
+from mmcl.train import variants as variants_lib
 from mmcl.train import workdir_lock
 
 
@@ -53,6 +54,8 @@ class Setup:
   abstract_state: Any
   state_sharding: Any
   train_step: Any  # Jitted, with explicit shardings; the state is donated.
+  # step -> the jitted step of its model variant (mmcl/train/variants.py); None: train_step.
+  step_for: Any = None
 
   def sharded_abstract_state(self):
     """The state as ShapeDtypeStructs carrying their shardings: what `lower` takes."""
@@ -80,13 +83,19 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   tx = optim.make_optimizer(config, params_shape)
   abstract_state, state_sharding = step_lib.state_shardings(
       model, tx, rng, batch_shapes, mesh, config.sharding_rules)
-  train_step = step_lib.jit_train_step(
-      model, tx, loss_fn, optim.make_schedule(config), config.seed, state_sharding,
-      mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
-      temperature=optim.make_temperature(config),
-      loss_extras=dict(config.loss.get('extras', {})),
-      trained=optim.trained_mask(config, params_shape))
-  return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step)
+  def jit_step(model):
+    return step_lib.jit_train_step(
+        model, tx, loss_fn, optim.make_schedule(config), config.seed, state_sharding,
+        mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
+        temperature=optim.make_temperature(config),
+        loss_extras=dict(config.loss.get('extras', {})),
+        trained=optim.trained_mask(config, params_shape))
+
+  train_step = jit_step(model)
+  step_for = (variants_lib.StepVariants(config, jit_step, train_step)
+              if variants_lib.has_variants(config) else None)
+  return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step,
+               step_for)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices=None):
@@ -278,7 +287,7 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
         return {}
       if step == start + 1:
         validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
-      state, metrics = train_step(state, batch)
+      state, metrics = (s.step_for(step) if s.step_for else train_step)(state, batch)
       logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
       if preemption.should_stop(step):
         logger.close()

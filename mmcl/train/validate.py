@@ -11,6 +11,7 @@ from mmcl.data import input_pipeline, preprocess, sources
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
 from mmcl.train import optim
+from mmcl.train import variants
 
 
 def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -40,6 +41,7 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
   if not 0 < config.total_steps:
     raise ValueError(f'config.total_steps={config.total_steps} must be positive.')
   models.get_model(config.model)  # Unknown model names, variants and fields.
+  variants.check(config)  # unmasked_from_step, flexi_patch_sizes.
   spec = losses.get_loss(config.loss.name, config.loss.impl)
   if spec.needs_bias and config.model.get('bias_init') is None:
     raise ValueError(f'config.loss.name={config.loss.name!r} needs a learned bias: set '
