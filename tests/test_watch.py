@@ -55,6 +55,7 @@ def watched_run(shapes_data_dir, tmp_path_factory):
   return c, workdir, out.getvalue()
 
 
+@pytest.mark.slow
 def test_profile_window_writes_a_tensorboard_trace_and_prints_its_ops(watched_run):
   _, workdir, printed = watched_run
   # TensorBoard's profile plugin layout: <logdir>/plugins/profile/<run>/<host>.xplane.pb.
@@ -75,6 +76,7 @@ def test_profile_window_writes_a_tensorboard_trace_and_prints_its_ops(watched_ru
   assert times and times[0] > 0
 
 
+@pytest.mark.slow
 def test_log_has_throughput_mfu_time_split_and_input_health(watched_run):
   c, workdir, printed = watched_run
   rows = _train_rows(workdir)
@@ -111,6 +113,7 @@ def test_log_has_throughput_mfu_time_split_and_input_health(watched_run):
   assert 'peak' in printed and 'measured 1024x1024 fp32 matmul' in printed
 
 
+@pytest.mark.slow
 def test_report_writes_the_page_and_plots_with_data(watched_run, tmp_path):
   import matplotlib.image
   _, workdir, _ = watched_run

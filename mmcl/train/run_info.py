@@ -6,9 +6,9 @@ devices) to `starts` and replaces `config` with the one it runs now.
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
-import os
 
 import jax
 
