@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8,<0.9",  # mmcl.convert (open_clip weights in and out)
     "tensorboardX>=2.6,<3",
     "tqdm>=4.66,<5",
-    "matplotlib>=3.11,<4",  # tools/plot_experts.py
+    "matplotlib>=3.11,<4",  # tools/plot_experts.py, tools/report.py
 ]
 
 setuptools.setup(
@@ -30,7 +30,8 @@ setuptools.setup(
     package_data={"mmcl": ["**/*.txt", "**/*.json"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
+    extras_require={"wandb": ["wandb>=0.19,<0.32"],  # config.wandb (mmcl/train/wandb_run.py)
+                    "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4",
                              # The TPU compiler, for ahead-of-time compiles without a TPU
                              # (tools/compile.py): the version jax[tpu]==0.10.2 pins.
                              "libtpu==0.0.42.*; platform_system == 'Linux' and platform_machine == 'x86_64'",

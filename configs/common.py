@@ -76,6 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 500
   c.ckpt_keep = 3
   c.progress_bar = True
+  # jax.profiler traces of `num_steps` steps from each of `steps` (e.g. (100, 5000)), into
+  # <workdir>/tb (TensorBoard's profile plugin), with the op summary printed; by process 0
+  # ('first') or every process ('all'). mmcl/train/profile.py.
+  c.profile = ml_collections.ConfigDict(dict(steps=(), num_steps=3, processes='first'))
+  # The log's rows also to Weights & Biases (pip install 'mmcl[wandb]'); mode: 'online',
+  # 'offline' or None ($WANDB_MODE). A resumed run continues its W&B run (mmcl/train/wandb_run.py).
+  c.wandb = ml_collections.ConfigDict(dict(
+      enabled=False, project='mmcl', entity=config_dict.placeholder(str),
+      name=config_dict.placeholder(str), mode=config_dict.placeholder(str)))
   c.evals = ml_collections.ConfigDict()
   return c
 

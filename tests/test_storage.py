@@ -53,7 +53,8 @@ def test_a_gs_workdir_keeps_every_file_there_and_resumes(shapes_data_dir, gcs, m
   assert 'Resumed from step 2 in gs://bucket/run/ckpt' in capsys.readouterr().out
   assert os.listdir(cwd) == []  # Was: $PWD/gs:/bucket/run/ckpt, lost with the VM.
   files = files_under(root / 'bucket' / 'run')
-  assert {f.split('/')[0] for f in files} == {'ckpt', 'data_state', 'metrics.jsonl', 'tb'}
+  assert {f.split('/')[0] for f in files} == {'ckpt', 'data_state', 'metrics.jsonl',
+                                              'run_info.json', 'tb'}
   assert {f.split('/')[1] for f in files if f.startswith('ckpt/')} == {'1', '2', '3'}
   assert {f.split('/')[1] for f in files if f.startswith('data_state/')} == {'1', '2', '3'}
   assert any(f.startswith('tb/events.out.tfevents') for f in files), files

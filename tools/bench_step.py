@@ -18,6 +18,8 @@ right shapes, and prints:
                       after each timed step (median)
   mfu                 median over steps of achieved / the matmul timed after it: against the
                       device's measured, not its nominal, peak, under the same load
+  mfu_compiled        mfu by the compiled step's FLOPs (x flops_ratio): the training log's
+                      train/mfu (mmcl/train/logger.py; compare with the same --matmul)
   peak_bytes_per_device    arguments + outputs + temporaries - donated aliases
   donated_bytes_per_device what donating the state saves (the aliased state buffers)
   compile_sec, collectives (bytes per step by kind; mmcl.parallel.hlo)
@@ -80,26 +82,6 @@ def median_seconds(fn, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def matmul_timer(n: int):
-  """A function that times an n x n @ n x n float32 matmul on the default device (FLOP/s);
-  compiled and warmed up here, so each call costs three matmuls."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  for _ in range(2):
-    f(a, a).block_until_ready()
-
-  def rate():  # The best of 3: the first call after a long step runs cold (~0.6x).
-    secs = []
-    for _ in range(3):
-      start = time.perf_counter()
-      f(a, a).block_until_ready()
-      secs.append(time.perf_counter() - start)
-    return 2 * n**3 / min(secs)
-  return rate
-
-
 def random_batch(config, batch: int, seed: int = 0) -> dict:
   """Images in [-1, 1] and texts of random length (token ids >= 1, then 0-padding)."""
   import numpy as np
@@ -132,6 +114,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
   from mmcl.parallel import hlo
   from mmcl.train import loop
   from mmcl.train import step as step_lib
+  from mmcl.train import throughput
 
   batch = config.batch_size
   start = time.perf_counter()
@@ -139,10 +122,8 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
   compiled = s.train_step.lower(s.sharded_abstract_state(), s.batch_shapes).compile()
   compile_sec = time.perf_counter() - start
 
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   devices = s.mesh.size
-  xla_flops = float(cost['flops']) * devices / batch  # cost_analysis is per device.
+  xla_flops = throughput.step_flops(compiled) * devices / batch  # Per device: times all.
   analytic = flops_lib.train_step_flops(config.model, config.image_size, config.text_len,
                                         global_batch=batch, local_batch=batch // devices)
   colls = hlo.collectives(compiled)
@@ -168,7 +149,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
 
   # Each timed step is followed by one timed matmul, so that MFU compares the two under the
   # same load (the machine may be shared); the medians are reported.
-  matmul_rate = matmul_timer(matmul)
+  matmul_rate = throughput.matmul_timer(matmul)
   for _ in range(warmup):
     one_step()
   secs, rates, host = [], [], []
@@ -190,42 +171,22 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
                           for t, r in zip(secs, rates))
   return dict(examples_per_sec=round(batch / sec, 2), step_sec=round(sec, 4),
               achieved_flops_per_sec=achieved, matmul_flops_per_sec=rate, mfu=round(mfu, 4),
+              mfu_compiled=round(mfu * row['flops_ratio'], 4),
               page_faults_per_step=int(statistics.median(h[0] for h in host)),
               kernel_cpu_sec_per_step=round(statistics.median(h[1] for h in host), 3),
               **row)
 
 
 def trace_ops(one_step, compiled, trace_dir: str, steps: int = 2, top: int = 25):
-  """Traces `steps` steps with jax.profiler into `trace_dir` (TensorBoard / Perfetto) and
-  prints (stderr) the ops that took the most thread time per step: HLO op kind and the model
-  code that made it (the op's op_name, layer indices folded), with their share."""
-  import collections
-  import glob
-  import gzip
-  import re
-  import jax
-  hlo = compiled.as_text()
-  module = re.search(r'HloModule ([^\s,]+)', hlo).group(1)
-  made_by = dict(re.findall(r'%(\S+) = [^\n]*?op_name="([^"]*)"', hlo))
-  with jax.profiler.trace(trace_dir):
+  """Traces `steps` steps into `trace_dir` (TensorBoard / Perfetto) and prints (stderr) the
+  ops that took the most thread time per step, with their share (mmcl.train.profile)."""
+  from mmcl.train import profile
+
+  def run_steps():
     for _ in range(steps):
       one_step()
-  path = sorted(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz')))[-1]
-  totals = collections.Counter()
-  for e in json.load(gzip.open(path))['traceEvents']:
-    args = e.get('args', {})
-    if e.get('ph') != 'X' or 'hlo_op' not in args or args.get('hlo_module') != module:
-      continue  # Not one of the step's ops (runtime, Python, other executables).
-    op = args['hlo_op']
-    code = re.sub(r'encoderblock_\d+', 'encoderblock_*',
-                  made_by.get(op, '').replace('jit(train_step)/', ''))
-    kind = re.sub(r'[.]\d+$', '', op)
-    totals[f'{kind}  {code}'] += e['dur'] / steps
-  total = sum(totals.values())
-  print(f'{total / 1e3:.0f} ms of op time per step (threads summed); trace in {trace_dir}',
-        file=sys.stderr)
-  for what, us in totals.most_common(top):
-    print(f'{us / 1e3:9.1f} ms {us / total:6.1%}  {what}', file=sys.stderr)
+  profile.trace(run_steps, trace_dir)
+  profile.print_op_summary(trace_dir, compiled, steps, top)
 
 
 def import_torch_first():

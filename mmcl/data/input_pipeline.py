@@ -246,6 +246,17 @@ class ShardedBatches:
     misshapen = sum(c.values()['misshapen'] for c in self._counters if c)
     return {'misshapen': misshapen, 'failed': max(0, self.dropped - misshapen)}
 
+  def shard_counts(self) -> dict[int, dict[str, int]]:
+    """Per data shard of this process: records 'read' from its source up to the last
+    batch taken, of them 'dropped', and 'queued': read by the pipeline beyond that (in its
+    preprocessing and prefetch buffers; 0 without drop counters)."""
+    out = {}
+    for k, shard in enumerate(self.shard_ids):
+      read, c = self._last[k] + 1, self._counters[k]
+      out[shard] = dict(read=read, dropped=read - self._emitted[k],
+                        queued=max(0, c.values()['passed'] - read) if c else 0)
+    return out
+
   def save(self, directory: str):
     """Writes each shard's position to `directory/shard_<i>/state` (blocking)."""
     self.save_async(directory)

@@ -19,9 +19,11 @@ from mmcl import checkpoint as checkpoint_lib
 from mmcl import evaluate, fs, losses, models
 from mmcl.data import data_state, drops, input_pipeline
 from mmcl.parallel import mesh as mesh_lib
+from mmcl.train import logger as logger_lib
 from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
-from mmcl.train import optim, step as step_lib
+from mmcl.train import optim, profile, run_info, step as step_lib
+from mmcl.train import throughput, wandb_run
 from mmcl.train import validate as validate_lib
 from mmcl.train import variants as variants_lib
 from mmcl.train import workdir_lock
@@ -251,14 +253,22 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
         print(f'The data state of step {start} is unusable, so the input stream is '
               f'reseeded: {e}', flush=True)
       batches = make_batches(config, mesh, config.seed + start)
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  run_info.write(config, workdir, start)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
+                                    wandb_run=wandb_run.start(config, workdir))
+  # Compiled here (not on the first call) for its cost analysis: the log's FLOP/s and MFU.
+  train_step = train_step.lower(s.sharded_abstract_state(), batch_shapes).compile()
+  windows = profile.ProfileWindows(config.get('profile'), workdir, train_step)
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
+
+  def evals_due(step, final=False):
+    return [evaluator for evaluator, every in evaluators.values()
+            if final or (every and step % every == 0 and step != config.total_steps)]
 
   def run_evals(step, final=False):
     results = {}
-    for name, (evaluator, every) in evaluators.items():
-      if final or (every and step % every == 0 and step != config.total_steps):
-        results.update(evaluator.run(state['params']))
+    for evaluator in evals_due(step, final):
+      results.update(evaluator.run(state['params']))
     if results:
       writer.write(step, results)
     return results
@@ -269,11 +279,14 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
       # Refuses a non-finite state; writes the data state before the async orbax save.
       ckpt.save(step, state, force=True, batches=batches)
 
-  logger = _TrainLogger(config, writer, start, batches)
+  logger = logger_lib.TrainLogger(
+      config, writer, start, batches, step_flops=throughput.step_flops(train_step),
+      peak=throughput.device_peak(jax.local_devices()))
   preemption = _Preemption(config.get('preemption_check_every', 1),
                            on_signal=batches.interrupt)
   try:
     for step in range(start + 1, config.total_steps + 1):
+      waited = time.perf_counter()
       try:
         batch = next(batches)
       except drops.InputInterrupted:  # SIGTERM while the stream kept nothing.
@@ -287,8 +300,14 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
         return {}
       if step == start + 1:
         validate_lib.check_batch(batch, batch_shapes, config.loss.get('extras'))
-      state, metrics = (s.step_for(step) if s.step_for else train_step)(state, batch)
-      logger.dispatched(step, metrics)  # Logs step-1's metrics now that `step` is in flight.
+      waited = time.perf_counter() - waited
+      windows.before(step)
+      # A run with model variants (FLIP's unmasked phase, FlexiViT) picks the step's program.
+      step_fn = s.step_for(step) if s.step_for else train_step
+      state, metrics = step_fn(state, batch)
+      logger.outside(windows.after(step, (state, metrics), config.total_steps))
+      # Logs step-1's metrics now that `step` is in flight.
+      logger.dispatched(step, metrics, input_secs=waited)
       if preemption.should_stop(step):
         logger.close()
         save(step, force=True)
@@ -298,12 +317,18 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
           print(f'Preempted: checkpoint of step {step} written; run again to resume.',
                 flush=True)
         return {}
-      save(step)
-      run_evals(step)
+      if ckpt.is_due(step) or evals_due(step):
+        # The steps in flight finish first: their time is training, not the save's.
+        jax.block_until_ready(state)
+        outside = time.perf_counter()
+        save(step)
+        run_evals(step)
+        logger.outside(time.perf_counter() - outside)
     logger.close()
     final = run_evals(config.total_steps, final=True)
     save(config.total_steps, force=config.total_steps not in ckpt.all_steps())
   finally:
+    windows.close()
     preemption.close()
     # Also on an error (e.g. too many skipped steps): finish the async saves already
     # started, so the last checkpoint due before the failure is on disk to resume from.
@@ -311,68 +336,3 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
     writer.close()  # Stores the rows not yet flushed (remote workdirs flush every 30 s).
   _print_table(final)
   return final
-
-
-class _TrainLogger:
-  """Progress bar and periodic train metrics, read one step late to keep dispatch async.
-
-  Every step's skip counter is read (one step late): after `config.max_skipped_steps`
-  consecutive non-finite updates the run stops, naming the step and the offending values.
-  """
-
-  def __init__(self, config, writer, start: int, batches):
-    self.config, self.writer, self.batches = config, writer, batches
-    self.pending = None
-    self.t_last, self.step_last = time.perf_counter(), start
-    self.bar = None
-    if config.progress_bar and jax.process_index() == 0:
-      from tqdm import tqdm
-      self.bar = tqdm(total=config.total_steps, initial=start, desc='train', dynamic_ncols=True)
-
-  def dispatched(self, step: int, metrics):
-    if self.pending is not None:
-      self._log(*self.pending)
-    self.pending = (step, metrics)
-
-  def close(self):
-    if self.pending is not None:
-      self._log(*self.pending)
-      self.pending = None
-    if self.bar is not None:
-      self.bar.close()
-      self.bar = None
-
-  def _log(self, step, metrics):
-    if self.bar is not None:
-      self.bar.update(1)
-    in_a_row = int(metrics['train/skipped_in_a_row'])
-    if in_a_row >= self.config.get('max_skipped_steps', 10):
-      values = {k: float(metrics[k]) for k in ('train/loss', 'train/total_loss',
-                                                'train/grad_norm')}
-      raise FloatingPointError(
-          f'{in_a_row} consecutive updates skipped for non-finite values, the last at step '
-          f'{step}: {values}. Stopping (config.max_skipped_steps).')
-    if step % self.config.log_every and step != self.config.total_steps:
-      return
-    metrics = jax.device_get(metrics)
-    now = time.perf_counter()
-    steps_per_sec = (step - self.step_last) / max(now - self.t_last, 1e-9)
-    self.t_last, self.step_last = now, step
-    metrics['train/steps_per_sec'] = steps_per_sec
-    metrics['train/examples_per_sec'] = steps_per_sec * self.config.batch_size
-    drops = self.batches.drop_counts()  # By reason: 'misshapen', 'failed'.
-    metrics['data/dropped_records'], *by_reason = _all_processes_sum(
-        [self.batches.dropped, *drops.values()])
-    metrics.update({f'data/dropped/{k}': v for k, v in zip(drops, by_reason)})
-    self.writer.write(step, metrics)
-    if self.bar is not None:
-      self.bar.set_postfix(loss=f'{float(metrics["train/loss"]):.3f}',
-                           steps_s=f'{steps_per_sec:.2f}', refresh=False)
-
-
-def _all_processes_sum(values: list[int]) -> list[int]:
-  if jax.process_count() == 1:
-    return list(values)
-  from jax.experimental import multihost_utils
-  gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
-  return [int(v) for v in np.sum(gathered.reshape(-1, len(values)), axis=0)]

@@ -1,4 +1,5 @@
-"""Metric writers: `workdir/metrics.jsonl` (one JSON object per log step) and TensorBoard.
+"""Metric writers: `workdir/metrics.jsonl` (one JSON object per log step), TensorBoard and,
+when a run is given, Weights & Biases.
 
 Only process 0 writes. Values are converted to Python floats, so every line is plain JSON.
 Both go through mmcl.fs, so the workdir may be remote (`gs://...`). A remote object cannot
@@ -22,8 +23,9 @@ FILENAME = 'metrics.jsonl'
 class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
-               flush_secs: float = 30.0):
+               flush_secs: float = 30.0, wandb_run=None):
     self.enabled = jax.process_index() == 0
+    self._wandb = wandb_run  # Rows also go there (mmcl.train.wandb_run).
     self.path = fs.join(workdir, FILENAME)
     self._tb = self._file = None
     self._flush_secs = flush_secs if fs.is_remote(self.path) else 0.0
@@ -55,6 +57,9 @@ class MetricWriter:
       for k, v in row.items():
         if k != 'step':
           self._tb.add_scalar(k, v, int(step))
+    if self._wandb is not None:
+      # W&B ignores (with a warning) a step it has: the rows a resumed run logs again.
+      self._wandb.log({k: v for k, v in row.items() if k != 'step'}, step=int(step))
     if time.monotonic() - self._last_flush >= self._flush_secs:
       self.flush()
 
@@ -72,6 +77,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
