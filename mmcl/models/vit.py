@@ -3,6 +3,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmcl.models import moe as moe_lib
@@ -41,8 +42,8 @@ def resolve_hparams(variant=None, width=None, depth=None, mlp_dim=None,
 class ViT(nn.Module):
   """ViT: patchify -> (+pos, [cls]) -> pre-norm encoder -> pool -> head.
 
-  Position embeddings are sized from the image seen at init, so apply must
-  use the same resolution.
+  Position embeddings are sized from the image seen at init; an image of another
+  (square) patch grid at apply gets them resampled bilinearly (e.g. SILC's local crops).
   """
   variant: str | None = None
   num_classes: int | None = None  # Output (embedding) dim; None = no head.
@@ -84,7 +85,10 @@ class ViT(nn.Module):
                            self.num_heads, self.patch_size)
 
   @nn.compact
-  def __call__(self, image_BxHxWx3, *, train: bool = False):
+  def __call__(self, image_BxHxWx3, *, train: bool = False, token_mask_BxN=None,
+               mask_token_D=None):
+    """token_mask_BxN (bool, optional): patches replaced by `mask_token_D` before the
+    position embeddings are added (TIPS / iBOT masked prediction); None: no masking."""
     hp = self.hparams()
     dtype = transformer.canonical_dtype(self.dtype)
     p, d = hp['patch_size'], hp['width']
@@ -95,10 +99,20 @@ class ViT(nn.Module):
                     image_BxHxWx3.astype(dtype))
     b, h, w, _ = x.shape
     x_BxNxD = jnp.reshape(x, (b, h * w, d))
+    if token_mask_BxN is not None:
+      if mask_token_D is None:
+        raise ValueError('ViT token_mask_BxN needs mask_token_D (the learned mask token).')
+      x_BxNxD = jnp.where(token_mask_BxN[:, :, None], mask_token_D[None, None, :].astype(dtype),
+                          x_BxNxD)
 
+    # The stored shape (apply) or this image's grid (init): other grids are resampled.
+    shape = (self.get_variable('params', 'pos_embedding').shape
+             if self.has_variable('params', 'pos_embedding') else (1, h * w, d))
     pos_1xNxD = self.param(
         'pos_embedding', nn.initializers.normal(stddev=1 / math.sqrt(d)),
-        (1, h * w, d), transformer.PARAM_DTYPE)
+        shape, transformer.PARAM_DTYPE)
+    if shape[1] != h * w:
+      pos_1xNxD = _resample_posemb(pos_1xNxD, h, w)
     x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
 
     use_cls = self.pool == 'tok' if self.class_token is None else (
@@ -145,3 +159,14 @@ class ViT(nn.Module):
                        param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
       out['logits'] = x_BxD
     return x_BxD, out
+
+
+def _resample_posemb(pos_1xNxD, h: int, w: int):
+  """Square-grid position embeddings resized bilinearly to an (h, w) patch grid."""
+  n, d = pos_1xNxD.shape[1:]
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f'ViT position embeddings of {n} tokens are not a square grid: '
+                     f'cannot resample them to {h}x{w} patches; use the init resolution.')
+  grid_1xSxSxD = jnp.reshape(pos_1xNxD, (1, side, side, d))
+  return jnp.reshape(jax.image.resize(grid_1xSxSxD, (1, h, w, d), 'bilinear'), (1, h * w, d))
