@@ -104,8 +104,7 @@ def test_vit_mask_token_replaces_exactly_the_masked_patches():
   token = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
   apply = jax.jit(lambda x, **kw: model.apply({'params': params}, x, **kw)[0])
   # Default and an all-False mask: today's output.
-  np.testing.assert_array_equal(apply(image), model.apply({'params': params}, image,
-                                                          token_mask_BxN=None)[0])
+  np.testing.assert_array_equal(apply(image), apply(image, token_mask_BxN=None))
   np.testing.assert_allclose(apply(image), apply(
       image, token_mask_BxN=jnp.zeros((2, 16), bool), mask_token_D=token), rtol=1e-6)
   # Changing the pixels of a masked patch changes nothing; of an unmasked one, the output.
@@ -182,6 +181,36 @@ def test_old_checkpoint_restores_when_ema_off(shapes_data_dir, tmp_path):
   ckpt.close()
 
 
+def test_terms_are_off_before_the_switch_and_the_heads_held(shapes_data_dir):
+  """Before start_step: zero loss and gradient, centres and heads unchanged; from it on,
+  both terms and a gradient into the heads, the mask token and the image tower."""
+  s = loop.setup(_distill_config(shapes_data_dir, total_steps=10))
+  assert s.distill.start_step == 8
+  state = s.init_state(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) if v.dtype == np.float32
+           else jnp.asarray(rng.integers(1, 200, v.shape), v.dtype)
+           for k, v in s.batch_shapes.items()}
+  fn = jax.jit(s.distill.value_and_grad)
+  for step, on in ((7, False), (8, True)):
+    state['step'] = jnp.asarray(step, jnp.int32)
+    value, metrics, centres, grads = fn(state, batch, jax.random.key(1))
+    heads = grads['self_distill']
+    if not on:
+      assert float(value) == 0 and all(float(v) == 0 for v in metrics.values())
+      assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+      jax.tree.map(np.testing.assert_array_equal, centres, state['self_distill'])
+    else:
+      assert float(metrics['local_loss']) > 0 and float(metrics['masked_loss']) > 0
+      assert float(jnp.abs(heads['mask_token']).max()) > 0
+      assert float(jnp.abs(grads['img']['embedding']['kernel']).max()) > 0
+      assert not np.allclose(centres['center'], state['self_distill']['center'])
+    moved = jax.tree.map(lambda p: p + 1.0, state['params'])
+    held = s.distill.hold_heads(moved, state['params'], state['step'])
+    jax.tree.map(np.testing.assert_array_equal, held['self_distill'],
+                 (moved if on else state['params'])['self_distill'])
+
+
 def test_self_distill_needs_an_ema(shapes_data_dir, tmp_path):
   c = _distill_config(shapes_data_dir)
   c.ema.decay = None
@@ -209,6 +238,13 @@ def test_distill_run_losses_fall_and_resume_keeps_the_ema(shapes_data_dir, tmp_p
   ckpt.close()
   assert not np.allclose(full['ema']['img']['head']['kernel'],
                          full['params']['img']['head']['kernel'])
+  # config.ema.eval: tools/eval.py's restore reads the EMA weights instead of the params.
+  from mmcl.evaluate import checkpoint_eval
+  c_ema = c.copy_and_resolve_references()
+  c_ema.ema.eval = True
+  _, _, weights, step = checkpoint_eval.restore_params(c_ema, workdir, 8)
+  assert step == 8
+  jax.tree.map(np.testing.assert_array_equal, weights, full['ema'])
   again = str(tmp_path / 'again')
   shutil.copytree(workdir, again)
   shutil.rmtree(os.path.join(again, 'ckpt', '8'))

@@ -231,9 +231,11 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
   if start is None:
     state = s.init_state(rng)
     if config.get('model_init'):  # Fine-tuning / LiT: params from a file, fresh optimizer.
+      # The self-distillation heads are SigLIP 2's fresh extras: never in the file.
+      fresh = tuple(config.get('model_init_dont_load', ())) + (
+          (f'{distill_lib.KEY}/.*',) if s.distill else ())
       state['params'] = model_init.load(config.model_init, state['params'],
-                                        state_sharding['params'],
-                                        config.get('model_init_dont_load', ()))
+                                        state_sharding['params'], fresh)
       state['opt'] = jax.jit(tx.init, out_shardings=state_sharding['opt'])(state['params'])
       if 'ema' in state:  # The teacher starts from the loaded weights too.
         state['ema'] = jax.jit(lambda p: jax.tree.map(jax.numpy.copy, p),
