@@ -70,6 +70,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_steps = 100
   c.schedule.end_factor = 0.0
 
+  # EMA of the parameters (mmcl/train/ema.py): decay None = off (no 'ema' in the state).
+  # start_step None: the self-distillation's start (else 0); before it the EMA copies the
+  # parameters. eval=True: evaluators (and tools/eval.py) use the EMA weights.
+  c.ema = ml_collections.ConfigDict(dict(
+      decay=config_dict.placeholder(float), start_step=config_dict.placeholder(int),
+      eval=False))
+  # SigLIP 2's self-distillation (mmcl/train/distill.py, docs/siglip2.md): off while both
+  # weights are 0. Needs config.ema.decay and the views in config.input.pp.
+  c.self_distill = ml_collections.ConfigDict(dict(
+      local_weight=0.0,  # SILC local-to-global; SigLIP 2: 1 x size factor (B: 0.25).
+      masked_weight=0.0,  # TIPS masked prediction; SigLIP 2: 0.25 x size factor.
+      start_fraction=0.8,  # SigLIP 2: the last 20% of training.
+      global_key='global_view', local_key='local_crops',  # Batch keys of the views.
+      global_size=config_dict.placeholder(int),  # None: image_size.
+      local_size=config_dict.placeholder(int),  # None: the global size.
+      num_local=8,  # SILC: 8 local crops.
+      mask_ratio=0.5,  # SigLIP 2: half of the student's patches.
+      hidden=2048, bottleneck=256, prototypes=65_536,  # DINO's head.
+      student_temp=0.1, teacher_temp=0.04, center_momentum=0.9))  # DINO.
+
   c.log_every = 10
   c.preemption_check_every = 10  # Steps between the processes' SIGTERM agreement (multi-process).
   c.max_skipped_steps = 10  # Consecutive non-finite updates (skipped) before the run stops.
@@ -100,3 +120,31 @@ def zeroshot_evals(tiny: bool) -> dict:
   return {'imagenet': dict(
       type='zeroshot', every=10_000, datasets=['imagenet2012'], batch_size=1024,
       pp_img='decode|resize({image_size})|value_range(-1, 1)')}
+
+
+def add_self_distill(c: ml_collections.ConfigDict, *, num_local: int, local_size: int,
+                     local_weight: float, masked_weight: float, decay: float,
+                     global_area=(40, 100), local_area=(5, 40)) -> ml_collections.ConfigDict:
+  """Switches on SigLIP 2's self-distillation (docs/siglip2.md) in recipe `c`: the EMA
+  teacher, both terms, and the views made after `decode` in `c.input.pp` (SILC's crop
+  ranges: global views of 40-100% of the image area, local crops of 5-40%)."""
+  if not c.input.pp.startswith('decode|'):
+    raise ValueError(f'add_self_distill: config.input.pp must start with "decode|", got '
+                     f'{c.input.pp!r}.')
+  sd = c.self_distill
+  sd.local_weight, sd.masked_weight = local_weight, masked_weight
+  sd.num_local, sd.local_size = num_local, local_size
+  c.ema.decay = decay
+  g, l = sd.global_key, sd.local_key
+  views = (f'inception_crop({{image_size}}, {global_area[0]}, {global_area[1]}, outkey="{g}")|'
+           f'value_range(-1, 1, key="{g}")|')
+  keep = f'"{g}"'
+  if local_weight:
+    views += (f'inception_crops({num_local}, {local_size}, {local_area[0]}, {local_area[1]}, '
+              f'outkey="{l}")|value_range(-1, 1, key="{l}")|')
+    keep += f', "{l}"'
+  pp = 'decode|' + views + c.input.pp[len('decode|'):]
+  if not pp.endswith(')') or '|keep(' not in pp:
+    raise ValueError(f'add_self_distill: config.input.pp must end with keep(...), got {pp!r}.')
+  c.input.pp = pp[:-1] + ', ' + keep + ')'
+  return c

@@ -128,7 +128,7 @@ class Checkpointer:
         shardings)
     cause = None
     try:
-      self.check_structure(abstract_state, step)
+      self.check_structure(abstract_state, step, entries=True)
       state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
     except CheckpointMismatch:
       raise
@@ -190,8 +190,9 @@ class Checkpointer:
       multihost_utils.sync_global_devices('mmcl_checkpoint_move_aside')
     self._manager.reload()
 
-  def check_structure(self, abstract_state, step: int):
-    """Refuses a checkpoint whose parameters do not match the model, naming them all.
+  def check_structure(self, abstract_state, step: int, entries: bool = False):
+    """Refuses a checkpoint whose parameters do not match the model, naming them all;
+    with `entries`, also one whose state has other top-level entries (e.g. 'ema').
 
     (The optimizer state follows the parameters; orbax checks it on restore.)
     """
@@ -201,6 +202,12 @@ class Checkpointer:
       metadata['params']  # pylint: disable=pointless-statement
     except Exception as e:  # pylint: disable=broad-except
       raise OSError(f'{directory}/_METADATA cannot be read: {root_cause(e)}') from None
+    if entries and set(metadata.keys()) != set(abstract_state):
+      raise CheckpointMismatch(
+          f'The checkpoint at step {step} in {self.directory} holds the state entries '
+          f'{sorted(metadata.keys())}, the config\'s state {sorted(abstract_state)}: '
+          'config.ema.decay adds "ema" and config.self_distill adds "self_distill"; resume '
+          'with the settings the run was started with.')
     saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
         metadata['params']) if hasattr(m, 'shape')}
     want = {path_str(p): tuple(a.shape)

@@ -137,8 +137,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
   if steps == 0:
     return row
 
-  state = jax.jit(lambda r: step_lib.init_state(s.model, s.tx, r, s.batch_shapes),
-                  out_shardings=s.state_sharding)(jax.random.key(config.seed))
+  state = s.init_state(jax.random.key(config.seed))
   data = jax.device_put(random_batch(config, batch),
                         {k: v.sharding for k, v in s.batch_shapes.items()})
   holder = [state]

@@ -33,13 +33,16 @@ def restore_params(config, workdir: str, step: int | None = None):
   """(model, mesh, params, step) of `step` (default latest) in `workdir`.
 
   Only the parameters are read (orbax partial restore), straight into the shardings the
-  train loop's own setup gives them: no optimizer state is read or allocated.
+  train loop's own setup gives them: no optimizer state is read or allocated. With
+  config.ema.eval the EMA weights are read instead (state['ema'], mmcl/train/ema.py).
   """
   import jax
   import orbax.checkpoint as ocp
   from mmcl import checkpoint as checkpoint_lib
+  from mmcl.train import ema as ema_lib
   from mmcl.train import loop  # Lazy: mmcl.train imports this package.
   s = loop.setup(config)
+  key = ema_lib.eval_key(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep)
   steps = ckpt.all_steps()
   ckpt.close()
@@ -50,9 +53,9 @@ def restore_params(config, workdir: str, step: int | None = None):
     raise FileNotFoundError(f'No checkpoint at step {step} in {ckpt.directory}; '
                             f'steps: {steps}.')
   ckpt.check_structure(s.abstract_state, step)  # Names what differs from the config's model.
-  target = {'params': jax.tree.map(
+  target = {key: jax.tree.map(
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      s.abstract_state['params'], s.state_sharding['params'])}
+      s.abstract_state[key], s.state_sharding[key])}
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       target)
@@ -61,7 +64,7 @@ def restore_params(config, workdir: str, step: int | None = None):
   with ocp.PyTreeCheckpointer() as reader:
     state = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
-  return s.model, s.mesh, state['params'], step
+  return s.model, s.mesh, state[key], step
 
 
 def evaluate_checkpoint(config, *, workdir=None, checkpoint=None, only=None, out_dir=None):

@@ -70,7 +70,8 @@ class TwoTowers(nn.Module):
     return cls(**cfg, num_classes=self.embed_dim, **kw)
 
   @nn.compact
-  def __call__(self, image, text, *, train: bool = False):
+  def __call__(self, image, text, *, train: bool = False, token_mask=None, mask_token=None):
+    """token_mask [B, N] bool and mask_token [D]: masked image patches (ViT.__call__)."""
     out = {}
     zimg_BxD = ztxt_BxD = None
     aux_losses, aux_metrics = [], {}  # From sparse (MoE) towers only.
@@ -81,8 +82,10 @@ class TwoTowers(nn.Module):
         aux_metrics.update(tower_out.pop('metrics'))  # Names carry the modality.
 
     if image is not None:
+      masking = {} if token_mask is None else dict(token_mask_BxN=token_mask,
+                                                    mask_token_D=mask_token)
       zimg, img_out = self._tower(vit.ViT, self.image, 'image', name='img')(
-          image, train=train)
+          image, train=train, **masking)
       zimg_BxD = l2_normalize(zimg)
       take_aux(img_out)
       out.update({f'img/{k}': v for k, v in img_out.items()})

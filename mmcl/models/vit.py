@@ -44,9 +44,10 @@ def resolve_hparams(variant=None, width=None, depth=None, mlp_dim=None,
 class ViT(nn.Module):
   """ViT: patchify -> (+pos, [cls]) -> pre-norm encoder -> pool -> head.
 
-  Position embeddings are sized from the image seen at init, so apply must
-  use the same resolution, unless `posemb_grid` fixes their grid: then they are resampled
-  (mmcl.models.posemb) to whatever grid the image and patch size give.
+  Position embeddings are sized from the image seen at init (or fixed by `posemb_grid`);
+  an image of another patch grid at apply gets them resampled (mmcl.models.posemb), e.g.
+  SILC's local crops or a higher fine-tuning resolution (a stored grid must be square unless
+  `posemb_grid` gives it).
 
   Resolution and token options (docs/resolution.md); their defaults keep the plain ViT,
   parameter layout included:
@@ -105,7 +106,10 @@ class ViT(nn.Module):
                            self.num_heads, self.patch_size)
 
   @nn.compact
-  def __call__(self, image_BxHxWx3, *, train: bool = False):
+  def __call__(self, image_BxHxWx3, *, train: bool = False, token_mask_BxN=None,
+               mask_token_D=None):
+    """token_mask_BxN (bool, optional): patches replaced by `mask_token_D` before the
+    position embeddings are added (TIPS / iBOT masked prediction); None: no masking."""
     hp = self.hparams()
     dtype = transformer.canonical_dtype(self.dtype)
     p, d = hp['patch_size'], hp['width']
@@ -120,8 +124,19 @@ class ViT(nn.Module):
                                 name='embedding')(image_BxHxWx3)
     b, h, w, _ = x.shape
     x_BxNxD = jnp.reshape(x, (b, h * w, d))
+    if token_mask_BxN is not None:
+      if mask_token_D is None:
+        raise ValueError('ViT token_mask_BxN needs mask_token_D (the learned mask token).')
+      x_BxNxD = jnp.where(token_mask_BxN[:, :, None], mask_token_D[None, None, :].astype(dtype),
+                          x_BxNxD)
 
-    gh, gw = (h, w) if self.posemb_grid is None else posemb_lib.as_grid(self.posemb_grid)
+    if self.posemb_grid is not None:
+      gh, gw = posemb_lib.as_grid(self.posemb_grid)
+    elif self.has_variable('params', 'pos_embedding'):  # Apply: the stored grid.
+      n = self.get_variable('params', 'pos_embedding').shape[1]
+      gh, gw = (h, w) if n == h * w else posemb_lib.square_grid(n, 'ViT pos_embedding')
+    else:  # Init: this image's grid.
+      gh, gw = h, w
     pos_1xNxD = self.param(
         'pos_embedding', nn.initializers.normal(stddev=1 / math.sqrt(d)),
         (1, gh * gw, d), transformer.PARAM_DTYPE)

@@ -22,6 +22,8 @@ from mmcl.parallel import mesh as mesh_lib
 from mmcl.train import logger as logger_lib
 from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
+from mmcl.train import distill as distill_lib
+from mmcl.train import ema as ema_lib
 from mmcl.train import optim, profile, run_info, step as step_lib
 from mmcl.train import throughput, wandb_run
 from mmcl.train import validate as validate_lib
@@ -29,12 +31,16 @@ from mmcl.train import variants as variants_lib
 from mmcl.train import workdir_lock
 
 
-def _batch_shapes(config, mesh) -> dict:
+def _batch_shapes(config, mesh, distill=None) -> dict:
   b = config.batch_size
   size = config.image_size  # The image side after preprocessing; checked on batch 1.
   sharding = mesh_lib.batch_sharding(mesh)
-  return {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
-          'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+  shapes = {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
+            'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+  if distill is not None:  # The extra views, sharded over the batch axes like `image`.
+    shapes.update({k: jax.ShapeDtypeStruct((b, *shape), np.float32, sharding=sharding)
+                   for k, shape in distill_lib.view_shapes(config, distill).items()})
+  return shapes
 
 
 def _print_table(metrics: dict):
@@ -58,6 +64,14 @@ class Setup:
   train_step: Any  # Jitted, with explicit shardings; the state is donated.
   # step -> the jitted step of its model variant (mmcl/train/variants.py); None: train_step.
   step_for: Any = None
+  ema: Any = None  # ema.Ema, or None (config.ema.decay unset).
+  distill: Any = None  # distill.SelfDistill, or None (config.self_distill off).
+
+  def init_state(self, rng):
+    """A fresh train state, born sharded."""
+    return jax.jit(lambda r: step_lib.init_state(self.model, self.tx, r, self.batch_shapes,
+                                                 ema=self.ema, distill=self.distill),
+                   out_shardings=self.state_sharding)(rng)
 
   def sharded_abstract_state(self):
     """The state as ShapeDtypeStructs carrying their shardings: what `lower` takes."""
@@ -77,27 +91,28 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
                                 **{k: v for k, v in config.loss.items()
                                    if k not in ('name', 'impl', 'extras')})
-  batch_shapes = _batch_shapes(config, mesh)
+  distill = distill_lib.from_config(config)  # SigLIP 2 self-distillation, or None.
+  ema = ema_lib.from_config(config, distill.start_step if distill else 0)
+  batch_shapes = _batch_shapes(config, mesh, distill)
   rng = jax.random.key(config.seed)
-  params_shape = jax.eval_shape(
-      lambda: model.init({'params': rng}, *[jax.numpy.zeros(s.shape, s.dtype)
-                                            for s in batch_shapes.values()])['params'])
+  params_shape = jax.eval_shape(lambda: step_lib.init_params(model, rng, batch_shapes, distill))
   tx = optim.make_optimizer(config, params_shape)
   abstract_state, state_sharding = step_lib.state_shardings(
-      model, tx, rng, batch_shapes, mesh, config.sharding_rules)
+      model, tx, rng, batch_shapes, mesh, config.sharding_rules, ema=ema, distill=distill)
+
   def jit_step(model):
     return step_lib.jit_train_step(
         model, tx, loss_fn, optim.make_schedule(config), config.seed, state_sharding,
         mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
         temperature=optim.make_temperature(config),
         loss_extras=dict(config.loss.get('extras', {})),
-        trained=optim.trained_mask(config, params_shape))
+        trained=optim.trained_mask(config, params_shape), ema=ema, distill=distill)
 
   train_step = jit_step(model)
   step_for = (variants_lib.StepVariants(config, jit_step, train_step)
               if variants_lib.has_variants(config) else None)
   return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step,
-               step_for)
+               step_for, ema, distill)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices=None):
@@ -225,13 +240,17 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
   start = ckpt.latest_step()
   data_seed = config.seed
   if start is None:
-    state = jax.jit(lambda r: step_lib.init_state(model, tx, r, batch_shapes),
-                    out_shardings=state_sharding)(rng)
+    state = s.init_state(rng)
     if config.get('model_init'):  # Fine-tuning / LiT: params from a file, fresh optimizer.
+      # The self-distillation heads are SigLIP 2's fresh extras: never in the file.
+      fresh = tuple(config.get('model_init_dont_load', ())) + (
+          (f'{distill_lib.KEY}/.*',) if s.distill else ())
       state['params'] = model_init.load(config.model_init, state['params'],
-                                        state_sharding['params'],
-                                        config.get('model_init_dont_load', ()))
+                                        state_sharding['params'], fresh)
       state['opt'] = jax.jit(tx.init, out_shardings=state_sharding['opt'])(state['params'])
+      if 'ema' in state:  # The teacher starts from the loaded weights too.
+        state['ema'] = jax.jit(lambda p: jax.tree.map(jax.numpy.copy, p),
+                               out_shardings=state_sharding['ema'])(state['params'])
       if jax.process_index() == 0:
         print(f'Initialised from {config.model_init}', flush=True)
     start = 0
@@ -268,7 +287,7 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
   def run_evals(step, final=False):
     results = {}
     for evaluator in evals_due(step, final):
-      results.update(evaluator.run(state['params']))
+      results.update(evaluator.run(state[ema_lib.eval_key(config)]))
     if results:
       writer.write(step, results)
     return results

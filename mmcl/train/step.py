@@ -1,6 +1,8 @@
 """One sharded training update: a pure function of (state, batch), jitted once.
 
-state = {'step': int32[], 'params': ..., 'opt': optax state, 'skipped': int32[2]}.
+state = {'step': int32[], 'params': ..., 'opt': optax state, 'skipped': int32[2]}, plus
+'ema' (the parameters' EMA, mmcl/train/ema.py) with config.ema.decay set and
+'self_distill' (centres) with SigLIP 2's self-distillation (mmcl/train/distill.py).
 Parameters and optimizer state stay sharded by the partition rules; the batch is sharded
 over the batch axes. An update whose loss or gradient is not finite is skipped: params and
 optimizer state stay as they were, and `skipped` counts (in a row, in total) such steps.
@@ -14,27 +16,47 @@ import jax.numpy as jnp
 import optax
 
 from mmcl.parallel import partition
+from mmcl.train import distill as distill_lib
 from mmcl.train import grad_cache
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_shapes) -> dict:
-  """A fresh train state. Meant to run under `jax.jit(out_shardings=...)`."""
+def init_params(model: nn.Module, rng, batch_shapes, distill=None) -> dict:
+  """The model's parameters, and the self-distillation heads under params['self_distill']."""
   image = jnp.zeros(batch_shapes['image'].shape, batch_shapes['image'].dtype)
   text = jnp.zeros(batch_shapes['text'].shape, batch_shapes['text'].dtype)
   params = model.init({'params': rng}, image, text, train=False)['params']
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params),
-          'skipped': jnp.zeros((2,), jnp.int32)}
+  if distill is not None:
+    params = {**params, distill_lib.KEY: distill.init_params(jax.random.fold_in(rng, 1))}
+  return params
 
 
-def state_shardings(model, tx, rng, batch_shapes, mesh, rules):
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_shapes, *,
+               ema=None, distill=None) -> dict:
+  """A fresh train state. Meant to run under `jax.jit(out_shardings=...)`."""
+  params = init_params(model, rng, batch_shapes, distill)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params),
+           'skipped': jnp.zeros((2,), jnp.int32)}
+  if ema is not None:
+    state['ema'] = jax.tree.map(jnp.copy, params)
+  if distill is not None:
+    state[distill_lib.KEY] = distill.init_state()
+  return state
+
+
+def state_shardings(model, tx, rng, batch_shapes, mesh, rules, *, ema=None, distill=None):
   """(abstract state, its shardings) without allocating anything: eval_shape + rules."""
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx), rng, batch_shapes)
-  return abstract, partition.tree_shardings(abstract, mesh, rules)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, ema=ema, distill=distill),
+                            rng, batch_shapes)
+  shardings = partition.tree_shardings(abstract, mesh, rules)
+  if ema is not None:  # The EMA is laid out exactly like the parameters it follows.
+    shardings['ema'] = shardings['params']
+  return abstract, shardings
 
 
 def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
                schedule: Callable, seed: int, accum_steps: int = 1, batch_sharding=None,
-               temperature: Callable | None = None, loss_extras=None, trained=None):
+               temperature: Callable | None = None, loss_extras=None, trained=None, ema=None,
+               distill=None):
   """Returns (new state, metrics); metrics are replicated scalars.
 
   accum_steps > 1 computes the same gradient with GradCache (see grad_cache.py).
@@ -42,6 +64,8 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
   loss_extras maps a loss's extra input name to the batch key that holds it.
   trained: a tree of bools (False: frozen, e.g. LiT's image tower); frozen gradients are
   replaced by zeros, so the compiler drops the frozen tower's backward pass altogether.
+  ema: an ema.Ema (state['ema'] follows the parameters); distill: a distill.SelfDistill
+  (SigLIP 2's self-distillation terms, with their own gradient, added to the update).
   """
   step_rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   extras = {name: batch[key] for name, key in (loss_extras or {}).items()}
@@ -70,10 +94,19 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
         state['params'], batch, embed=embed, loss=loss, accum_steps=accum_steps,
         rng=step_rng, batch_sharding=batch_sharding)
   total, (value, loss_metrics, heads, model_metrics) = result
+  extra_metrics = {}
+  if distill is not None:  # SILC + TIPS terms against the EMA teacher: mmcl/train/distill.py.
+    sd_value, sd_metrics, sd_state, sd_grads = distill.value_and_grad(
+        state, batch, jax.random.fold_in(step_rng, 1))
+    total = total + sd_value
+    grads = jax.tree.map(jnp.add, grads, sd_grads)
+    extra_metrics.update({f'self_distill/{k}': v for k, v in sd_metrics.items()})
   if trained is not None:
     grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trained)
   updates, opt = tx.update(grads, state['opt'], state['params'])
   params = optax.apply_updates(state['params'], updates)
+  if distill is not None:
+    params = distill.hold_heads(params, state['params'], state['step'])
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   params, opt = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -92,15 +125,23 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
       **{f'train/{k}': v for k, v in loss_metrics.items()},
       # Model diagnostics (e.g. MoE expert utilisation), scalars named by the model.
       **{f'train/{k}': v for k, v in model_metrics.items()},
+      **{f'train/{k}': v for k, v in extra_metrics.items()},
   }
-  return {'step': state['step'] + 1, 'params': params, 'opt': opt, 'skipped': skipped}, metrics
+  new_state = {'step': state['step'] + 1, 'params': params, 'opt': opt, 'skipped': skipped}
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  if ema is not None:
+    new_state['ema'] = keep_if_finite(ema.update(state['ema'], params, new_state['step']),
+                                      state['ema'])
+  if distill is not None:
+    new_state[distill_lib.KEY] = keep_if_finite(sd_state, state[distill_lib.KEY])
+  return new_state, metrics
 
 
 def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sharding, mesh,
                    **options):
   """The train step jitted once with explicit shardings; the old state is donated.
 
-  `options`: train_step's accum_steps, temperature, loss_extras and trained.
+  `options`: train_step's accum_steps, temperature, loss_extras, trained, ema and distill.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule,

@@ -10,6 +10,8 @@ from mmcl import evaluate, fs, losses, models
 from mmcl.data import input_pipeline, preprocess, sources
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
+from mmcl.train import distill as distill_lib
+from mmcl.train import ema as ema_lib
 from mmcl.train import optim
 from mmcl.train import variants
 
@@ -60,7 +62,18 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
   for pattern in config.get('model_init_dont_load', ()):
     re.compile(pattern)  # re.error names the bad pattern.
   partition.validate_rules(config.sharding_rules)
+  _check_self_distill(config)
   return mesh
+
+
+def _check_self_distill(config):
+  """EMA and self-distillation settings (docs/siglip2.md)."""
+  distill = distill_lib.from_config(config)
+  ema = ema_lib.from_config(config, distill.start_step if distill else 0)
+  ema_lib.eval_key(config)
+  if distill is not None and ema is None:
+    raise ValueError('config.self_distill needs an EMA teacher: set config.ema.decay '
+                     '(e.g. 0.996, DINO; SILC keeps it fixed).')
 
 
 def check_batch(batch: dict, expected: dict, loss_extras=None):
@@ -75,6 +88,7 @@ def check_batch(batch: dict, expected: dict, loss_extras=None):
                        'check config.input.pp.')
     got = batch[key]
     if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-      hint = 'config.image_size' if key == 'image' else 'config.text_len'
+      hint = {'image': 'config.image_size', 'text': 'config.text_len'}.get(
+          key, 'config.self_distill (global_size, local_size, num_local)')
       raise ValueError(f'Batch {key!r} has shape {tuple(got.shape)} {got.dtype}, expected '
                        f'{tuple(want.shape)} {want.dtype}: check {hint} and config.input.pp.')
