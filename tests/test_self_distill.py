@@ -13,7 +13,7 @@ from configs import demo
 from mmcl import checkpoint as checkpoint_lib
 from mmcl.data import preprocess
 from mmcl.losses import self_distill as sd_loss
-from mmcl.models import vit
+from mmcl.models import posemb, vit
 from mmcl.train import ema as ema_lib
 from mmcl.train import loop
 from mmcl.train import metrics as metrics_lib
@@ -135,9 +135,13 @@ def test_vit_param_tree_unchanged_and_smaller_crops_resample_posemb():
   assert small.shape == (3, 4, 16)
   # A 2x2 grid of the resampled embeddings is the 4x4 grid's bilinear 2x downsampling.
   pos = np.asarray(params['pos_embedding']).reshape(4, 4, 16)
-  got = np.asarray(vit._resample_posemb(params['pos_embedding'], 2, 2)).reshape(2, 2, 16)
+  got = np.asarray(posemb.resample(params['pos_embedding'], (2, 2))).reshape(2, 2, 16)
   np.testing.assert_allclose(got, np.asarray(jax.image.resize(
       jnp.asarray(pos), (2, 2, 16), 'bilinear')), rtol=1e-6)
+  # And the ViT uses exactly those: stored at 2x2, nothing is resampled, same tokens.
+  at_2x2 = {**params, 'pos_embedding': jnp.asarray(got.reshape(1, 4, 16))}
+  same = model.apply({'params': at_2x2}, jnp.ones((3, 8, 8, 3)))[1]['encoded']
+  np.testing.assert_allclose(np.asarray(same), np.asarray(small), rtol=1e-5, atol=1e-6)
 
 
 def test_inception_crops_op_stacks_different_crops():
