@@ -30,8 +30,20 @@ def _batch_shapes(config, mesh) -> dict:
   b = config.batch_size
   size = config.image_size  # The image side after preprocessing; checked on batch 1.
   sharding = mesh_lib.batch_sharding(mesh)
-  return {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
-          'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+  shapes = {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
+            'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+  for key, shape in _decoder_shapes(config).items():  # The captioning decoder's targets.
+    shapes[key] = jax.ShapeDtypeStruct((b, *shape), np.int32, sharding=sharding)
+  return shapes
+
+
+def _decoder_shapes(config) -> dict:
+  """{batch key: shape} of the decoder's inputs (mmcl/data/decoder_tasks.py), if any."""
+  dec = config.model.get('decoder')
+  if not dec:
+    return {}
+  length = dec.get('max_len', 64)
+  return {'dec_tokens': (length,), 'dec_loss_mask': (length,)}
 
 
 def _print_table(metrics: dict):
@@ -75,8 +87,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   batch_shapes = _batch_shapes(config, mesh)
   rng = jax.random.key(config.seed)
   params_shape = jax.eval_shape(
-      lambda: model.init({'params': rng}, *[jax.numpy.zeros(s.shape, s.dtype)
-                                            for s in batch_shapes.values()])['params'])
+      lambda: model.init({'params': rng}, *[jax.numpy.zeros(batch_shapes[k].shape,
+                                                             batch_shapes[k].dtype)
+                                            for k in ('image', 'text')])['params'])
   tx = optim.make_optimizer(config, params_shape)
   abstract_state, state_sharding = step_lib.state_shardings(
       model, tx, rng, batch_shapes, mesh, config.sharding_rules)
@@ -85,7 +98,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
       mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
       temperature=optim.make_temperature(config),
       loss_extras=dict(config.loss.get('extras', {})),
-      trained=optim.trained_mask(config, params_shape))
+      trained=optim.trained_mask(config, params_shape),
+      model_inputs=tuple(_decoder_shapes(config)),
+      contrastive_weight=config.get('contrastive_weight', 1.0))
   return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step)
 
 
@@ -116,7 +131,7 @@ def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
       batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
       shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
       process_count=shards, cache=config.input.cache, with_index=True,
-      shapes={'image': (size, size, 3), 'text': (config.text_len,)},
+      shapes={'image': (size, size, 3), 'text': (config.text_len,), **_decoder_shapes(config)},
       max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000))
 
 
