@@ -38,9 +38,11 @@ def check_tasks(tasks) -> tuple[str, ...]:
 
 
 def quantize(coords, num_bins: int) -> np.ndarray:
-  """Coordinates in [0, 1] -> bins 0..num_bins-1 (1.0 falls into the last bin)."""
-  return np.clip(np.floor(np.asarray(coords, np.float64) * num_bins), 0,
-                 num_bins - 1).astype(np.int32)
+  """Coordinates in [0, 1] -> bins 0..num_bins-1 (1.0 falls into the last bin). In float32,
+  as the pp op computes it, so both give the same bin (0.9 * 10 is 9 in float32, 8.99.. in
+  float64 of the float32 0.9)."""
+  scaled = np.asarray(coords, np.float32) * np.float32(num_bins)
+  return np.clip(np.floor(scaled), 0, num_bins - 1).astype(np.int32)
 
 
 def dequantize(bins, num_bins: int) -> np.ndarray:
