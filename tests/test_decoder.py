@@ -312,3 +312,39 @@ def test_siglip2_tiny_run_losses_fall(shapes_data_dir, tmp_path):
   assert np.mean(sig[-5:]) < np.mean(sig[:5]), sig
   for k in ('caption/exact', 'caption/token_acc', 'aref/acc', 'gcap/acc'):
     assert 0.0 <= final[f'captioning/mmcl_shapes/{k}'] <= 1.0
+
+
+def test_shapes_boxes_and_region_captions(shapes_data_dir):
+  import tensorflow_datasets as tfds
+  from mmcl.data import shapes
+  builder = tfds.builder('mmcl_shapes/tiny', data_dir=shapes_data_dir)
+  assert str(builder.info.version) == '1.1.0'
+  for ex in tfds.as_numpy(builder.as_dataset(split='test').take(16)):
+    boxes, names = ex['objects']['bbox'], [c.decode() for c in ex['objects']['caption']]
+    assert len(boxes) == len(names) == ex['num_objects']
+    assert np.all((0 <= boxes) & (boxes <= 1)) and np.all(boxes[:, 2:] > boxes[:, :2])
+    assert names[0] == f'{shapes.COLORS[ex["color"]]} {shapes.SHAPES[ex["shape"]]}'
+    # The box holds the object: its colour dominates inside, the background outside.
+    h, w = ex['image'].shape[:2]
+    y0, x0, y1, x1 = np.round(boxes[0] * [h, w, h, w]).astype(int)
+    inside = ex['image'][y0:y1, x0:x1].reshape(-1, 3).astype(float)
+    from mmcl.data.shapes import generator
+    rgb = generator.COLOR_RGB[ex['color']]
+    close = np.linalg.norm(inside - rgb, axis=1) < 60
+    assert close.mean() > 0.2, close.mean()
+
+
+def test_siglip2_recipes_settings():
+  from configs import siglip2_b16, siglip2_demo
+  c = siglip2_b16.get_config()
+  assert (c.batch_size, c.image_size, c.text_len, c.schedule.warmup_steps) == (
+      32_768, 256, 64, 20_000)
+  assert (c.loss.name, c.lr, c.optim.weight_decay, c.contrastive_weight) == (
+      'sigmoid', 1e-3, 1e-4, 1.0)
+  assert (c.model.decoder.variant, c.model.decoder.depth) == ('B', 6)  # Half the text's 12.
+  coca, cappa = siglip2_demo.get_config('coca'), siglip2_demo.get_config('cappa')
+  assert (coca.loss.name, coca.model.decoder.loss_weight) == ('softmax', 2.0)
+  assert (cappa.contrastive_weight, cappa.model.decoder.parallel_prob) == (0.0, 0.75)
+  assert 'decoder' not in siglip2_demo.get_config('nodecoder').model
+  with pytest.raises(ValueError, match='valid'):
+    siglip2_demo.get_config('coca,cappa')
