@@ -9,7 +9,9 @@ towers of the same B size with a MAP head, learned temperature and bias as SigLI
 tower's shape with half its layers (6 of 12, our reading of sec. 2.2), cross-attends to the
 un-pooled image tokens and is trained on captioning, referring expressions and grounded
 captioning (tasks sampled per example) with weight 1 beside the sigmoid loss. Fully sharded
-(FSDP) over 16 chips within the data-parallel mesh, full remat. The EMA teacher,
+(FSDP) over 16 chips within the data-parallel mesh, full remat, 8 GradCache micro-batches
+(below). Not yet compiled with tools/compile.py (the shared machine was busy): run the
+command below before spending a pod. The EMA teacher,
 self-distillation and masked prediction of the last 20% of training are issue 16 part B.
 
 Point config.tokenizer at the Gemma SentencePiece model ('sp:/path/tokenizer.model') and
@@ -39,6 +41,11 @@ def get_config(arg: str = ''):
   text_vocab = 258 if tiny else 256_000
   bins = 16 if tiny else NUM_BINS
   c.decoder_len = 32 if tiny else 64
+  # The paper spreads the 32k batch over 2,048 v5e chips (16 examples each); on 256 chips the
+  # decoder's 256k-way logits of 128 examples x 64 tokens would take 8.4 GB in float32 per
+  # chip, twice with their gradient. GradCache micro-batches of 4,096 (same gradient, every
+  # negative kept: mmcl/train/grad_cache.py) keep 16 examples per chip in flight.
+  c.accum_steps = 1 if tiny else 8
   c.contrastive_weight = 1.0
   c.model.decoder = ml_collections.ConfigDict(dict(
       variant='pico' if tiny else 'B', depth=1 if tiny else 6, vocab_size=text_vocab + bins,

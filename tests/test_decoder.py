@@ -302,7 +302,7 @@ def test_siglip2_tiny_run_losses_fall(shapes_data_dir, tmp_path):
   from mmcl.train import metrics as metrics_lib
   c = siglip2_demo.get_config('tiny')
   c.data_dir, c.progress_bar = shapes_data_dir, False
-  c.update_from_flattened_dict(dict(total_steps=30, log_every=1, ckpt_every=100))
+  c.update_from_flattened_dict(dict(total_steps=24, log_every=1, ckpt_every=100))
   c.evals = {'captioning': dict(c.evals.captioning, split='test[:16]')}
   final = loop.run(c, str(tmp_path))
   rows = [r for r in metrics_lib.read_metrics(str(tmp_path)) if 'train/loss' in r]

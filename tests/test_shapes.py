@@ -246,4 +246,4 @@ def test_builder_tiny(shapes_data_dir):
 def test_prepare_is_idempotent(shapes_data_dir):
   again = shapes.prepare(shapes_data_dir, 'tiny')
   assert again.info.splits['train'].num_examples == 512
-  assert again.data_path.name == '1.0.0'
+  assert again.data_path.name == '1.1.0'

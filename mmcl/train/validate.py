@@ -73,6 +73,7 @@ def check_batch(batch: dict, expected: dict, loss_extras=None):
                        'check config.input.pp.')
     got = batch[key]
     if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-      hint = 'config.image_size' if key == 'image' else 'config.text_len'
+      hint = {'image': 'config.image_size', 'text': 'config.text_len'}.get(
+          key, 'config.model.decoder.max_len')
       raise ValueError(f'Batch {key!r} has shape {tuple(got.shape)} {got.dtype}, expected '
                        f'{tuple(want.shape)} {want.dtype}: check {hint} and config.input.pp.')
