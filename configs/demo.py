@@ -94,12 +94,17 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                           split='test' if tiny else 'test[:1024]', pp_img=pp_img,
                           batch_size=256)
   if 'distill' in options:
-    # SigLIP 2's B-size weights: (1, 0.25) x 0.25. Fewer, smaller local crops than SILC's
-    # 8 (CPU time); a small head; decay 0.99 so the teacher moves within the last 20%.
-    c.self_distill.update(hidden=256, bottleneck=64, prototypes=1024)
-    common.add_self_distill(c, num_local=2 if tiny else 4, local_size=32,
-                            local_weight=0.25, masked_weight=0.0625, decay=0.99)
+    add_self_distill(c, tiny)
   return c
+
+
+def add_self_distill(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
+  """The demo's SigLIP 2 self-distillation, added after `c.input.pp` is final."""
+  # SigLIP 2's B-size weights: (1, 0.25) x 0.25. Fewer, smaller local crops than SILC's
+  # 8 (CPU time); a small head; decay 0.99 so the teacher moves within the last 20%.
+  c.self_distill.update(hidden=256, bottleneck=64, prototypes=1024)
+  return common.add_self_distill(c, num_local=2 if tiny else 4, local_size=32,
+                                 local_weight=0.25, masked_weight=0.0625, decay=0.99)
 
 
 def _heldout_combo_ids() -> list[int]:

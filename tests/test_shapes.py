@@ -217,7 +217,7 @@ def test_builder_tiny(shapes_data_dir):
   assert {k: v.num_examples for k, v in info.splits.items()} == {
       'train': 512, 'validation': 128, 'test': 128}
   assert set(info.features) == {'image', 'captions', 'shape', 'color',
-                                'combo', 'size', 'num_objects'}
+                                'combo', 'size', 'num_objects', 'objects'}
   assert info.features['combo'].names == list(shapes.COMBO_NAMES)
   assert info.features['size'].names == list(shapes.SIZES)
 
@@ -240,10 +240,14 @@ def test_builder_tiny(shapes_data_dir):
     assert len(matches) == 1
     for key in ('shape', 'color', 'combo', 'size', 'num_objects'):
       assert row[key] == matches[0][key], key
+    np.testing.assert_allclose(row['objects']['bbox'],
+                               [o['box'] for o in matches[0]['objects']], atol=1e-6)
+    assert [c.decode() for c in row['objects']['caption']] == [
+        o['region_caption'] for o in matches[0]['objects']]
   assert {r['combo'] for r in rows} & HELDOUT_IDS
 
 
 def test_prepare_is_idempotent(shapes_data_dir):
   again = shapes.prepare(shapes_data_dir, 'tiny')
   assert again.info.splits['train'].num_examples == 512
-  assert again.data_path.name == '1.0.0'
+  assert again.data_path.name == '1.1.0'

@@ -92,7 +92,13 @@ def random_batch(config, batch: int, seed: int = 0) -> dict:
   lengths = rng.integers(length // 4, length + 1, size=(batch, 1))
   text = np.where(np.arange(length)[None] < lengths, text, 0).astype(np.int32)
   image = rng.uniform(-1, 1, size=(batch, size, size, 3)).astype(np.float32)
-  return {'image': image, 'text': text}
+  out = {'image': image, 'text': text}
+  dec = config.model.get('decoder')
+  if dec:  # The captioning decoder's targets (mmcl/data/decoder_tasks.py), all scored.
+    n = dec.get('max_len', 64)
+    out['dec_tokens'] = rng.integers(1, dec['vocab_size'], size=(batch, n), dtype=np.int32)
+    out['dec_loss_mask'] = np.ones((batch, n), np.int32)
+  return out
 
 
 def memory(compiled) -> dict:

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from mmcl import fs
 from mmcl.data import data_state, drops, preprocess, skipped, sources
+from mmcl.data import decoder_tasks  # noqa: F401  (registers the pp op decoder_tasks)
 
 # Datasets built locally on first use (no download): name -> module with prepare().
 _LOCAL_BUILDERS = ('mmcl_shapes',)

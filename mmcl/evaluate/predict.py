@@ -17,7 +17,7 @@ class Predictor:
   """
 
   def __init__(self, model, mesh):
-    self.mesh = mesh
+    self.model, self.mesh = model, mesh  # The model also serves generation (captioning.py).
     self._shards = mesh_lib.num_batch_shards(mesh)
     sharding = mesh_lib.batch_sharding(mesh)
     self._sharding = sharding

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmcl.models import decoder as decoder_lib
 from mmcl.models import text as text_lib
 from mmcl.models import transformer
 from mmcl.models import vit
@@ -37,6 +38,10 @@ class TwoTowers(nn.Module):
   dtype: str = 'float32'  # Compute dtype; params and outputs stay float32.
   remat: bool | str = False  # True / 'full', 'dots', 'dots_no_batch' (transformer.py).
   scan: bool = False  # nn.scan over each dense tower's blocks (transformer.Encoder).
+  # A captioning decoder over the image tokens (decoder.TextDecoder fields, e.g. CoCa /
+  # CapPa / LocCa; docs/siglip2.md): params under 'dec', its weighted loss in
+  # out['aux_loss']. None: no decoder, the same model and parameter tree as without it.
+  decoder: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     super().__post_init__()
@@ -50,6 +55,24 @@ class TwoTowers(nn.Module):
     # Build detached towers once so bad variants/fields fail here, not in jit.
     self._tower(vit.ViT, self.image, 'image', parent=None)
     self._tower(text_lib.TextTransformer, self.text, 'text', parent=None)
+    if self.decoder is not None:
+      self.decoder_module(parent=None)
+
+  def decoder_module(self, **kw) -> decoder_lib.TextDecoder:
+    """The decoder (dtype and remat from the model, like the towers); detached with
+    parent=None, e.g. to apply it alone to params['dec'] when generating."""
+    cfg = dict(self.decoder)
+    bad = [k for k in cfg if k in ('dtype', 'name', 'parent')]
+    if bad:
+      raise ValueError(f'TwoTowers.decoder may not set {bad}: dtype is the model dtype.')
+    fields = {f.name for f in dataclasses.fields(decoder_lib.TextDecoder)} - {'parent', 'name', 'dtype'}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+      raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.decoder; valid: '
+                       f'{sorted(fields)}')
+    if cfg.get('remat') in (None, False, 'none'):
+      cfg['remat'] = self.remat
+    return decoder_lib.TextDecoder(**cfg, dtype=self.dtype, **kw)
 
   def _tower(self, cls, cfg, what, **kw):
     cfg = dict(cfg or {})
@@ -70,8 +93,11 @@ class TwoTowers(nn.Module):
     return cls(**cfg, num_classes=self.embed_dim, **kw)
 
   @nn.compact
-  def __call__(self, image, text, *, train: bool = False, token_mask=None, mask_token=None):
-    """token_mask [B, N] bool and mask_token [D]: masked image patches (ViT.__call__)."""
+  def __call__(self, image, text, *, train: bool = False, token_mask=None, mask_token=None,
+               dec_tokens=None, dec_loss_mask=None):
+    """token_mask [B, N] bool and mask_token [D]: masked image patches (ViT.__call__).
+    `dec_tokens` / `dec_loss_mask` (int32 [B, Ld], mmcl/data/decoder_tasks.py): the
+    decoder's targets; its loss is computed when they are given (and at init)."""
     out = {}
     zimg_BxD = ztxt_BxD = None
     aux_losses, aux_metrics = [], {}  # From sparse (MoE) towers only.
@@ -96,6 +122,15 @@ class TwoTowers(nn.Module):
       ztxt_BxD = l2_normalize(ztxt)
       take_aux(txt_out)
       out.update({f'txt/{k}': v for k, v in txt_out.items()})
+    if self.decoder is not None and image is not None and (
+        dec_tokens is not None or self.is_initializing()):
+      dec = self.decoder_module(name='dec')
+      if dec_tokens is None:  # Init: parameters only.
+        dec_tokens = jnp.zeros((image.shape[0], dec.max_len), jnp.int32)
+        dec_loss_mask = jnp.ones_like(dec_tokens)
+      loss, metrics = dec.loss(out['img/encoded'], dec_tokens, dec_loss_mask, train=train)
+      aux_losses.append(dec.loss_weight * loss)
+      aux_metrics.update(metrics)
     if aux_losses:
       out['aux_loss'] = sum(aux_losses)
       out['metrics'] = aux_metrics

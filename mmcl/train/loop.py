@@ -40,7 +40,18 @@ def _batch_shapes(config, mesh, distill=None) -> dict:
   if distill is not None:  # The extra views, sharded over the batch axes like `image`.
     shapes.update({k: jax.ShapeDtypeStruct((b, *shape), np.float32, sharding=sharding)
                    for k, shape in distill_lib.view_shapes(config, distill).items()})
+  for key, shape in _decoder_shapes(config).items():  # The captioning decoder's targets.
+    shapes[key] = jax.ShapeDtypeStruct((b, *shape), np.int32, sharding=sharding)
   return shapes
+
+
+def _decoder_shapes(config) -> dict:
+  """{batch key: shape} of the decoder's inputs (mmcl/data/decoder_tasks.py), if any."""
+  dec = config.model.get('decoder')
+  if not dec:
+    return {}
+  length = dec.get('max_len', 64)
+  return {'dec_tokens': (length,), 'dec_loss_mask': (length,)}
 
 
 def _print_table(metrics: dict):
@@ -106,7 +117,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         mesh_lib.batch_sharding(mesh), mesh, accum_steps=config.get('accum_steps', 1),
         temperature=optim.make_temperature(config),
         loss_extras=dict(config.loss.get('extras', {})),
-        trained=optim.trained_mask(config, params_shape), ema=ema, distill=distill)
+        trained=optim.trained_mask(config, params_shape), ema=ema, distill=distill,
+        model_inputs=tuple(_decoder_shapes(config)),
+        contrastive_weight=config.get('contrastive_weight', 1.0))
 
   train_step = jit_step(model)
   step_for = (variants_lib.StepVariants(config, jit_step, train_step)
@@ -142,7 +155,7 @@ def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
       batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
       shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
       process_count=shards, cache=config.input.cache, with_index=True,
-      shapes={'image': (size, size, 3), 'text': (config.text_len,)},
+      shapes={'image': (size, size, 3), 'text': (config.text_len,), **_decoder_shapes(config)},
       max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000))
 
 

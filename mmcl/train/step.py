@@ -56,7 +56,7 @@ def state_shardings(model, tx, rng, batch_shapes, mesh, rules, *, ema=None, dist
 def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
                schedule: Callable, seed: int, accum_steps: int = 1, batch_sharding=None,
                temperature: Callable | None = None, loss_extras=None, trained=None, ema=None,
-               distill=None):
+               distill=None, model_inputs=(), contrastive_weight: float = 1.0):
   """Returns (new state, metrics); metrics are replicated scalars.
 
   accum_steps > 1 computes the same gradient with GradCache (see grad_cache.py).
@@ -66,13 +66,17 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
   replaced by zeros, so the compiler drops the frozen tower's backward pass altogether.
   ema: an ema.Ema (state['ema'] follows the parameters); distill: a distill.SelfDistill
   (SigLIP 2's self-distillation terms, with their own gradient, added to the update).
+  model_inputs: batch keys passed to the model by name (the captioning decoder's targets,
+  'dec_tokens' and 'dec_loss_mask'); the model returns their weighted loss in its aux_loss.
+  contrastive_weight scales the contrastive loss (0: a captioning-only run, e.g. CapPa).
   """
   step_rng = jax.random.fold_in(jax.random.key(seed), state['step'])
   extras = {name: batch[key] for name, key in (loss_extras or {}).items()}
 
   def embed(params, batch, rng):
     zimg, ztxt, out = model.apply({'params': params}, batch['image'], batch['text'],
-                                  train=True, rngs={'dropout': rng})
+                                  train=True, rngs={'dropout': rng},
+                                  **{k: batch[k] for k in model_inputs})
     heads = {'t': out['t'] if temperature is None else temperature(state['step'], out['t'])}
     if 'b' in out:
       heads['b'] = out['b']
@@ -80,7 +84,8 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
     return zimg, ztxt, heads, aux, out.get('metrics', {})
 
   def loss(zimg, ztxt, heads):
-    return loss_fn(zimg, ztxt, heads['t'], heads.get('b'), extras=extras)
+    value, metrics = loss_fn(zimg, ztxt, heads['t'], heads.get('b'), extras=extras)
+    return contrastive_weight * value, metrics
 
   def total_loss(params):
     zimg, ztxt, heads, aux, model_metrics = embed(params, batch, step_rng)
@@ -141,7 +146,8 @@ def jit_train_step(model, tx, loss_fn, schedule, seed, state_sharding, batch_sha
                    **options):
   """The train step jitted once with explicit shardings; the old state is donated.
 
-  `options`: train_step's accum_steps, temperature, loss_extras, trained, ema and distill.
+  `options`: train_step's accum_steps, temperature, loss_extras, trained, ema, distill,
+  model_inputs and contrastive_weight.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, schedule=schedule,

@@ -89,6 +89,7 @@ def check_batch(batch: dict, expected: dict, loss_extras=None):
     got = batch[key]
     if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
       hint = {'image': 'config.image_size', 'text': 'config.text_len'}.get(
-          key, 'config.self_distill (global_size, local_size, num_local)')
+          key, 'config.model.decoder.max_len' if key.startswith('dec_') else
+          'config.self_distill (global_size, local_size, num_local)')
       raise ValueError(f'Batch {key!r} has shape {tuple(got.shape)} {got.dtype}, expected '
                        f'{tuple(want.shape)} {want.dtype}: check {hint} and config.input.pp.')

@@ -21,6 +21,9 @@ Procedurally generated images of one or two coloured shapes on a noisy
 background, each with several differently worded captions. Labels (shape,
 colour, colour-shape combo, size) describe the first object. The colour-shape
 pairs in HELDOUT_COMBOS never occur in train but do in validation and test.
+Since 1.1.0 every object also has its box (normalised y0, x0, y1, x1 around the
+pixels it covers) and a region caption ('red circle'), for referring expressions
+and grounded captioning.
 """
 
 
@@ -61,8 +64,12 @@ class MmclShapesConfig(tfds.core.BuilderConfig):
 class MmclShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic coloured shapes with captions, for contrastive learning."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Adds objects/bbox and objects/caption (one per object, in drawing order); '
+               'every 1.0.0 feature and value is unchanged.',
+  }
   BUILDER_CONFIGS = [
       MmclShapesConfig(name='default', description='64 px, 20k train.'),
       MmclShapesConfig(name='px32', image_size=32,
@@ -92,6 +99,10 @@ class MmclShapes(tfds.core.GeneratorBasedBuilder):
             'combo': label(names=generator.COMBO_NAMES),
             'size': label(names=generator.SIZES),
             'num_objects': tfds.features.Scalar(dtype=np.int32),
+            'objects': tfds.features.Sequence({
+                'bbox': tfds.features.BBoxFeature(),
+                'caption': tfds.features.Text(),
+            }),
         }),
         supervised_keys=None,
     )
@@ -110,7 +121,11 @@ class MmclShapes(tfds.core.GeneratorBasedBuilder):
     for index in range(num_examples):
       rng = generator.example_rng(cfg.seed, split, index)
       example = generator.make_example(rng, cfg.image_size, split)
-      del example['objects']  # Layout details are not stored.
+      # Of the layout, only each object's box and region caption are stored.
+      objects = example.pop('objects')
+      example['objects'] = {
+          'bbox': np.stack([o['box'] for o in objects]).astype(np.float32),
+          'caption': [o['region_caption'] for o in objects]}
       example['image'] = encode_png(example['image'])
       yield index, example
 

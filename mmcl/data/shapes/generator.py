@@ -175,8 +175,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return (level + smooth + stripes)[..., None] + tint
 
 
-def _draw(canvas: np.ndarray, obj: dict, rng: np.random.Generator) -> None:
-  """Composites one anti-aliased object onto the float canvas in place."""
+def _draw(canvas: np.ndarray, obj: dict, rng: np.random.Generator) -> tuple:
+  """Composites one anti-aliased object onto the float canvas in place; returns its tight
+  box (y0, x0, y1, x1) in pixels: the pixel edges around every pixel it covers."""
   size = canvas.shape[0]
   cx, cy = obj['center']
   r = obj['diameter'] / 2
@@ -194,16 +195,22 @@ def _draw(canvas: np.ndarray, obj: dict, rng: np.random.Generator) -> None:
   rgb = COLOR_RGB[obj['color']] + rng.uniform(-12, 12, 3).astype(np.float32)
   patch = canvas[y0:y1, x0:x1]
   patch += alpha * (rgb - patch)
+  rows, cols = np.nonzero(alpha[..., 0] > 0)
+  return (y0 + rows.min(), x0 + cols.min(), y0 + rows.max() + 1, x0 + cols.max() + 1)
 
 
-def render(rng: np.random.Generator, objects: list, size: int) -> np.ndarray:
-  """Draws `objects` on a fresh background; returns uint8 [size, size, 3]."""
+def render(rng: np.random.Generator, objects: list, size: int, with_boxes: bool = False):
+  """Draws `objects` on a fresh background; returns uint8 [size, size, 3], and with
+  `with_boxes` also each object's tight box, normalised (y0, x0, y1, x1), float32 [N, 4]
+  (the same random draws either way: the boxes come from the masks drawn)."""
   canvas = _background(rng, size)
-  for obj in objects:
-    _draw(canvas, obj, rng)
+  boxes = [_draw(canvas, obj, rng) for obj in objects]
   # Fine grey grain, float32 throughout for speed.
   canvas += 3 * rng.standard_normal((size, size, 1), dtype=np.float32)
-  return np.clip(canvas, 0, 255).astype(np.uint8)
+  image = np.clip(canvas, 0, 255).astype(np.uint8)
+  if with_boxes:
+    return image, np.asarray(boxes, np.float32).reshape(-1, 4) / size
+  return image
 
 
 # --- Scene layout.
@@ -303,6 +310,12 @@ def captions(objects: list) -> list:
 # --- Public entry point.
 
 
+def region_caption(obj: dict) -> str:
+  """The words that single out one object of an image: 'red circle' (an image never holds
+  two objects of the same colour and shape)."""
+  return f'{COLORS[obj["color"]]} {SHAPES[obj["shape"]]}'
+
+
 def make_example(rng: np.random.Generator, image_size: int = 64,
                  split: str = 'train') -> dict:
   """One image with captions and labels (labels describe object 0).
@@ -316,7 +329,8 @@ def make_example(rng: np.random.Generator, image_size: int = 64,
   Returns:
     dict with image (uint8 [S, S, 3]), captions (list of str), shape, color,
     combo, size, num_objects (ints) and objects (list of per-object dicts
-    with the same labels plus position, center, diameter and rotation).
+    with the same labels plus position, center, diameter, rotation, box (normalised
+    y0, x0, y1, x1 of the drawn pixels) and region_caption ('red circle')).
   """
   if split not in SPLIT_IDS:
     raise ValueError(f'Unknown split {split!r}; expected one of {SPLIT_IDS}.')
@@ -324,8 +338,11 @@ def make_example(rng: np.random.Generator, image_size: int = 64,
   combos = _sample_combos(rng, split, num_objects)
   objects = _sample_objects(rng, combos, image_size)
   first = objects[0]
+  image, boxes = render(rng, objects, image_size, with_boxes=True)
+  for obj, box in zip(objects, boxes):
+    obj['box'], obj['region_caption'] = box, region_caption(obj)
   return dict(
-      image=render(rng, objects, image_size),
+      image=image,
       captions=captions(objects),
       shape=first['shape'],
       color=first['color'],
