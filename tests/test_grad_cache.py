@@ -62,7 +62,12 @@ def test_grad_cache_equals_full_batch_gradient(mesh_config, accum_steps):
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     r = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
-    np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    # Two float32 summation orders: their difference scales with the leaf's largest entries,
+    # so a small entry of a large leaf (seen: 4e-6 of max |r|) may differ by more than a
+    # per-element rtol allows; the atol grows with the leaf's scale (and stays 2e-6 for
+    # gradients that are zero up to rounding, e.g. attention key biases).
+    atol = max(2e-6, 1e-5 * float(np.max(np.abs(r))))
+    np.testing.assert_allclose(g, r, rtol=2e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
 
   # The test can fail: naive accumulation (mean of micro-batch losses) drops negatives.
   def naive(p):
