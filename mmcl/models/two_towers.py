@@ -61,33 +61,30 @@ class TwoTowers(nn.Module):
   def decoder_module(self, **kw) -> decoder_lib.TextDecoder:
     """The decoder (dtype and remat from the model, like the towers); detached with
     parent=None, e.g. to apply it alone to params['dec'] when generating."""
-    cfg = dict(self.decoder)
-    bad = [k for k in cfg if k in ('dtype', 'name', 'parent')]
-    if bad:
-      raise ValueError(f'TwoTowers.decoder may not set {bad}: dtype is the model dtype.')
-    fields = {f.name for f in dataclasses.fields(decoder_lib.TextDecoder)} - {'parent', 'name', 'dtype'}
-    unknown = sorted(set(cfg) - fields)
-    if unknown:
-      raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.decoder; valid: '
-                       f'{sorted(fields)}')
-    if cfg.get('remat') in (None, False, 'none'):
-      cfg['remat'] = self.remat
+    cfg = self._checked(decoder_lib.TextDecoder, self.decoder, 'decoder',
+                        ('dtype', 'name', 'parent'), 'dtype is the model dtype.')
     return decoder_lib.TextDecoder(**cfg, dtype=self.dtype, **kw)
 
-  def _tower(self, cls, cfg, what, **kw):
+  def _checked(self, cls, cfg, what, reserved, why):
+    """`cfg` as a dict for `cls`: no `reserved` or unknown fields, remat from the model
+    unless the part turns it on itself."""
     cfg = dict(cfg or {})
-    bad = [k for k in cfg if k in _RESERVED]
+    bad = [k for k in cfg if k in reserved]
     if bad:
-      raise ValueError(f'TwoTowers.{what} may not set {bad}: TwoTowers sets '
-                       'them (head size = embed_dim, dtype = model dtype).')
-    fields = {f.name for f in dataclasses.fields(cls)} - set(_RESERVED)
+      raise ValueError(f'TwoTowers.{what} may not set {bad}: {why}')
+    fields = {f.name for f in dataclasses.fields(cls)} - set(reserved)
     unknown = sorted(set(cfg) - fields)
     if unknown:
       raise ValueError(f'Unknown field(s) {unknown} in TwoTowers.{what}; '
                        f'valid: {sorted(fields)}')
-    # A tower's own `remat` may turn remat on for that tower alone.
     if cfg.get('remat') in (None, False, 'none'):
       cfg['remat'] = self.remat
+    return cfg
+
+  def _tower(self, cls, cfg, what, **kw):
+    # A tower's own `remat` may turn remat on for that tower alone.
+    cfg = self._checked(cls, cfg, what, _RESERVED, 'TwoTowers sets them (head size = '
+                        'embed_dim, dtype = model dtype).')
     cfg['scan'] = cfg.get('scan') or (self.scan and not cfg.get('moe'))
     cfg['dtype'] = self.dtype
     return cls(**cfg, num_classes=self.embed_dim, **kw)

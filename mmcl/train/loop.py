@@ -290,7 +290,8 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
                                     wandb_run=wandb_run.start(config, workdir))
   # Compiled here (not on the first call) for its cost analysis: the log's FLOP/s and MFU.
   # A caller's own step function (a test wrapping the jitted one) runs as given, unmeasured.
-  if hasattr(train_step, 'lower'):
+  measured = hasattr(train_step, 'lower')
+  if measured:
     train_step = train_step.lower(s.sharded_abstract_state(), batch_shapes).compile()
   windows = profile.ProfileWindows(config.get('profile'), workdir, train_step)
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
@@ -315,8 +316,7 @@ def _train(config, workdir: str, s: Setup) -> dict[str, float]:
 
   logger = logger_lib.TrainLogger(
       config, writer, start, batches,
-      step_flops=throughput.step_flops(train_step) if hasattr(train_step, 'cost_analysis')
-      else 0.0,
+      step_flops=throughput.step_flops(train_step) if measured else 0.0,
       peak=throughput.device_peak(jax.local_devices()))
   preemption = _Preemption(config.get('preemption_check_every', 1),
                            on_signal=batches.interrupt)
