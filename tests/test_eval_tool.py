@@ -24,14 +24,14 @@ def _config(data_dir):
 
 @pytest.fixture(scope='module')
 def workdir(shapes_data_dir, tmp_path_factory):
-  """2 steps of the tiny demo (one checkpoint, at 2), trained without evals."""
+  """2 steps of the tiny demo (checkpoints at 1 and 2), trained without evals."""
   c = _config(shapes_data_dir)
-  c.total_steps, c.ckpt_every, c.log_every = 2, 2, 1
+  c.total_steps, c.ckpt_every, c.log_every = 2, 1, 1
   c.input.shuffle_buffer = 32  # Fast start; the order does not matter here.
   c.evals = {}
   w = str(tmp_path_factory.mktemp('eval_tool'))
   loop.run(c, w)
-  assert os.listdir(os.path.join(w, 'ckpt')) == ['2']
+  assert sorted(os.listdir(os.path.join(w, 'ckpt'))) == ['1', '2']
   return w
 
 
@@ -80,6 +80,39 @@ def test_cli_two_processes_match_one(workdir, shapes_data_dir):
       workdir, 2)
 
 
+def test_cli_every_step_table_and_plot(workdir, shapes_data_dir, tmp_path):
+  """--steps=all: one row per metric, one column per checkpoint, evals.png; the numbers are
+  the ones written to metrics.jsonl for each step."""
+  out_dir = str(tmp_path / 'sweep')
+  p = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tools', 'eval.py'),
+       f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny', f'--workdir={workdir}',
+       f'--config.data_dir={shapes_data_dir}', '--evals=geometry,zeroshot', '--steps=all',
+       f'--out_dir={out_dir}'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+    rows = {r.pop('step'): r for r in map(json.loads, f)}
+  assert sorted(rows) == [1, 2]
+  assert rows[1] != rows[2]  # Each column is its own checkpoint's parameters.
+  lines = p.stdout.strip().splitlines()
+  assert lines[0].split() == ['metric', '1', '2']
+  table = {line.split()[0]: line.split()[1:] for line in lines[1:] if not
+           line.startswith('Plot:')}
+  assert set(table) == set(rows[1]) and any(k.startswith('geometry/') for k in table)
+  for name, cells in table.items():
+    assert [float(c) for c in cells] == pytest.approx(
+        [rows[1][name], rows[2][name]], abs=5e-5), name
+  assert os.path.getsize(os.path.join(out_dir, 'evals.png')) > 1000
+  assert f'Plot: {os.path.join(out_dir, "evals.png")}' in p.stdout
+  bad = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tools', 'eval.py'),
+       f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny',
+       f'--checkpoint={workdir}/ckpt/2', '--steps=1'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and '--steps goes with --workdir' in bad.stderr
+
+
 def _free_port():
   import socket
   with socket.socket() as s:
@@ -97,6 +130,8 @@ def test_errors(workdir, shapes_data_dir, tmp_path):
     checkpoint_eval.evaluate_checkpoint(c, workdir=workdir, only=['nope'])
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     checkpoint_eval.evaluate_checkpoint(c, workdir=str(tmp_path), only=['geometry'])
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint at step 7 .*steps: \[1, 2\]'):
+    checkpoint_eval.evaluate_steps(c, workdir, [7], only=['geometry'])
   c.model.embed_dim = 128  # The checkpoint's heads project to 64: name them (was orbax's
   # "Requested shape (128,) ..." with no name and advice to set strict=False).
   with pytest.raises(ValueError, match=r'does not match the model: missing none; unexpected '

@@ -5,9 +5,13 @@ r"""Evaluates a checkpoint with the config's evaluators and prints a table.
   python tools/eval.py --config configs/demo.py --workdir W --evals=zeroshot,probe \
       --config.data_dir=/data/tfds   # a TFDS data_dir holding e.g. imagenet2012
 
-Results also go to `<workdir>/eval/metrics.jsonl` (or --out_dir) and TensorBoard.
-Several processes (each evaluates its share; process 0 writes and prints): start one per
-host with --coordinator=HOST:PORT --num_processes=N --process_id=I (CPU and GPU clusters).
+  python tools/eval.py --config configs/demo.py --workdir W --steps=all    # every checkpoint
+
+Results also go to `<workdir>/eval/metrics.jsonl` (or --out_dir) and TensorBoard; with
+several steps a metric x step table is printed and `<out_dir>/evals.png` drawn.
+Several processes (each evaluates its share; process 0 writes and prints) take the training
+tool's flags: `--multihost` on TPU pods, else --coordinator=HOST:PORT --num_processes=N
+--process_id=I on every host (mmcl/parallel/processes.py).
 """
 import os
 import sys
@@ -18,15 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mmcl.parallel import processes  # noqa: E402
+
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py[:arg].',
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
 flags.DEFINE_string('checkpoint', None, 'A <workdir>/ckpt/<step> directory to evaluate.')
 flags.DEFINE_list('evals', None, 'Names in config.evals to run (default: all).')
 flags.DEFINE_string('out_dir', None, 'Where metrics go (default: <workdir>/eval).')
-flags.DEFINE_string('coordinator', None, 'host:port of process 0, for several processes.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator).')
-flags.DEFINE_integer('process_id', None, 'This process (0 .. num_processes - 1).')
+flags.DEFINE_list('steps', None, "With --workdir: 'all', or steps to evaluate (default: the "
+                  'latest).')
+processes.define_flags()
 flags.mark_flags_as_required(['config'])
 
 
@@ -37,19 +43,42 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   import jax
   f = flags.FLAGS
-  if f.num_processes:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives.
-    jax.distributed.initialize(f.coordinator, num_processes=f.num_processes,
-                               process_id=f.process_id)
+  processes.init_distributed()
+  from mmcl import fs
   from mmcl.evaluate import checkpoint_eval
   try:
-    checkpoint_eval.resolve_checkpoint(f.workdir, f.checkpoint)
+    workdir, step = checkpoint_eval.resolve_checkpoint(f.workdir, f.checkpoint)
+    steps = _steps(f.steps, step)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  step, metrics = checkpoint_eval.evaluate_checkpoint(
-      f.config, workdir=f.workdir, checkpoint=f.checkpoint, only=f.evals, out_dir=f.out_dir)
-  if jax.process_index() == 0:
+  results = checkpoint_eval.evaluate_steps(f.config, workdir, steps, only=f.evals,
+                                           out_dir=f.out_dir)
+  if jax.process_index() != 0:
+    return
+  if len(results) == 1:
+    (step, metrics), = results.items()
     print(checkpoint_eval.format_table(metrics, step), flush=True)
+    return
+  print(checkpoint_eval.format_steps_table(results), flush=True)
+  out_dir = f.out_dir or fs.join(workdir, 'eval')
+  if '://' not in out_dir:  # matplotlib writes local files only.
+    plot = checkpoint_eval.plot_steps(results, fs.join(out_dir, 'evals.png'))
+    if plot:
+      print(f'Plot: {plot}', flush=True)
+
+
+def _steps(flag: list[str] | None, step: int | None):
+  """None (latest), 'all' or [int] from --steps, given --checkpoint's step (or None)."""
+  if not flag:
+    return None if step is None else [step]
+  if step is not None:
+    raise ValueError('--steps goes with --workdir; --checkpoint names its one step.')
+  if flag == ['all']:
+    return 'all'
+  if not all(s.isdigit() for s in flag):
+    raise ValueError(f"--steps={','.join(flag)}: give 'all' or step numbers, e.g. "
+                     '--steps=1000,2000.')
+  return [int(s) for s in flag]
 
 
 if __name__ == '__main__':

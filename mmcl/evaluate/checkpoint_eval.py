@@ -6,6 +6,9 @@ evaluator runs once. Results go to `<out_dir>/metrics.jsonl` and TensorBoard (pr
 
 It needs the train state's layout, so it imports mmcl.train lazily (mmcl.train imports
 this package); it would sit more naturally in mmcl/train/.
+
+`evaluate_steps(..., steps='all')` sweeps every checkpoint of a run with one setup and one
+set of evaluators; `format_steps_table` and `plot_steps` show every metric across them.
 """
 import posixpath
 import sys
@@ -29,66 +32,129 @@ def resolve_checkpoint(workdir: str | None, checkpoint: str | None) -> tuple[str
   return posixpath.dirname(parent), int(step)
 
 
-def restore_params(config, workdir: str, step: int | None = None):
-  """(model, mesh, params, step) of `step` (default latest) in `workdir`.
+class RunCheckpoints:
+  """The parameters of any saved step of a run, one `setup` for all of them.
 
   Only the parameters are read (orbax partial restore), straight into the shardings the
   train loop's own setup gives them: no optimizer state is read or allocated. With
   config.ema.eval the EMA weights are read instead (state['ema'], mmcl/train/ema.py).
   """
-  import jax
-  import orbax.checkpoint as ocp
-  from mmcl import checkpoint as checkpoint_lib
-  from mmcl.train import ema as ema_lib
-  from mmcl.train import loop  # Lazy: mmcl.train imports this package.
-  s = loop.setup(config)
-  key = ema_lib.eval_key(config)
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep)
-  steps = ckpt.all_steps()
-  ckpt.close()
-  step = max(steps, default=None) if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {ckpt.directory}.')
-  if step not in steps:
-    raise FileNotFoundError(f'No checkpoint at step {step} in {ckpt.directory}; '
-                            f'steps: {steps}.')
-  ckpt.check_structure(s.abstract_state, step)  # Names what differs from the config's model.
-  target = {key: jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      s.abstract_state[key], s.state_sharding[key])}
-  restore_args = jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-      target)
-  # 'default' is the item the Checkpointer's orbax manager saves the state under.
-  path = fs.path(fs.join(ckpt.directory, str(step), 'default'))
-  with ocp.PyTreeCheckpointer() as reader:
-    state = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-  return s.model, s.mesh, state[key], step
+
+  def __init__(self, config, workdir: str):
+    import jax
+    from mmcl import checkpoint as checkpoint_lib
+    from mmcl.train import ema as ema_lib
+    from mmcl.train import loop  # Lazy: mmcl.train imports this package.
+    s = loop.setup(config)
+    self.model, self.mesh, self._abstract_state = s.model, s.mesh, s.abstract_state
+    self._key = ema_lib.eval_key(config)
+    self._target = {self._key: jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        s.abstract_state[self._key], s.state_sharding[self._key])}
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep)
+    self.steps, self._ckpt = ckpt.all_steps(), ckpt
+    ckpt.close()
+
+  def resolve(self, step: int | None = None) -> int:
+    """`step`, or the latest when None; a missing one names the steps there are."""
+    step = max(self.steps, default=None) if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self._ckpt.directory}.')
+    if step not in self.steps:
+      raise FileNotFoundError(f'No checkpoint at step {step} in {self._ckpt.directory}; '
+                              f'steps: {self.steps}.')
+    return step
+
+  def params(self, step: int):
+    import jax
+    import orbax.checkpoint as ocp
+    self._ckpt.check_structure(self._abstract_state, step)  # Names what differs.
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), self._target)
+    # 'default' is the item the Checkpointer's orbax manager saves the state under.
+    path = fs.path(fs.join(self._ckpt.directory, str(step), 'default'))
+    with ocp.PyTreeCheckpointer() as reader:
+      state = reader.restore(path, args=ocp.args.PyTreeRestore(
+          item=self._target, restore_args=restore_args, partial_restore=True))
+    return state[self._key]
+
+
+def restore_params(config, workdir: str, step: int | None = None):
+  """(model, mesh, params, step) of `step` (default latest) in `workdir`."""
+  run = RunCheckpoints(config, workdir)
+  step = run.resolve(step)
+  return run.model, run.mesh, run.params(step), step
+
+
+def _only(config, only):
+  if not only:
+    return config
+  unknown = set(only) - set(config.evals)
+  if unknown:
+    raise ValueError(f'Unknown evals {sorted(unknown)}; valid: {sorted(config.evals)}')
+  config = config.copy_and_resolve_references()
+  for name in set(config.evals) - set(only):
+    del config.evals[name]
+  return config
+
+
+def evaluate_steps(config, workdir: str, steps=None, *, only=None, out_dir=None):
+  """Runs `config.evals` (or the names in `only`) on checkpoints of `workdir`; returns
+  {step: metrics}. steps: None (the latest), 'all', or a list of steps."""
+  config = _only(config, only)
+  run = RunCheckpoints(config, workdir)
+  if steps == 'all':
+    steps = list(run.steps) or [run.resolve()]  # resolve() names the empty directory.
+  else:
+    steps = [run.resolve(s) for s in (steps if steps is not None else [None])]
+  evaluators = evaluate.build_evaluators(config, evaluate.Predictor(run.model, run.mesh))
+  from mmcl.train import metrics as metrics_lib
+  # Never truncates: an old step's results must not drop later rows.
+  writer = metrics_lib.MetricWriter(out_dir or fs.join(workdir, 'eval'),
+                                    resume_step=sys.maxsize)
+  results = {}
+  for step in steps:
+    params, metrics = run.params(step), {}
+    for evaluator, _ in evaluators.values():
+      metrics.update(evaluator.run(params))
+    writer.write(step, metrics)
+    writer.flush()  # A long sweep keeps what it has if it is stopped.
+    results[step] = metrics
+  writer.close()
+  return results
 
 
 def evaluate_checkpoint(config, *, workdir=None, checkpoint=None, only=None, out_dir=None):
   """Runs `config.evals` (or the names in `only`) on a checkpoint; returns (step, metrics)."""
   workdir, step = resolve_checkpoint(workdir, checkpoint)
-  if only:
-    unknown = set(only) - set(config.evals)
-    if unknown:
-      raise ValueError(f'Unknown evals {sorted(unknown)}; valid: {sorted(config.evals)}')
-    config = config.copy_and_resolve_references()
-    for name in set(config.evals) - set(only):
-      del config.evals[name]
-  model, mesh, params, step = restore_params(config, workdir, step)
-  evaluators = evaluate.build_evaluators(config, evaluate.Predictor(model, mesh))
-  metrics = {}
-  for evaluator, _ in evaluators.values():
-    metrics.update(evaluator.run(params))
-  from mmcl.train import metrics as metrics_lib
-  # Never truncates: an old step's results must not drop later rows.
-  writer = metrics_lib.MetricWriter(out_dir or fs.join(workdir, 'eval'),
-                                    resume_step=sys.maxsize)
-  writer.write(step, metrics)
-  writer.close()
+  (step, metrics), = evaluate_steps(config, workdir, [step], only=only,
+                                    out_dir=out_dir).items()
   return step, metrics
+
+
+def format_steps_table(results: dict[int, dict[str, float]]) -> str:
+  """One row per metric, one column per step: how every evaluation moved over a run."""
+  steps = sorted(results)
+  names = sorted({k for m in results.values() for k in m})
+  width = max((len(n) for n in names), default=6)
+  cols = [max(len(str(s)), 8) for s in steps]
+  lines = [f'{"metric":<{width}}  ' + '  '.join(f'{s:>{w}}' for s, w in zip(steps, cols))]
+  for n in names:
+    cells = [f'{results[s][n]:>{w}.4f}' if n in results[s] else ' ' * (w - 1) + '-'
+             for s, w in zip(steps, cols)]
+    lines.append(f'{n:<{width}}  ' + '  '.join(cells))
+  return '\n'.join(lines)
+
+
+def plot_steps(results: dict[int, dict[str, float]], out: str) -> str | None:
+  """evals.png of the report's evaluation panels across the steps; None if none applies."""
+  from mmcl.train import plots, report
+  rows = [{'step': s, **results[s]} for s in sorted(results)]
+  panels = [p for p in report.EVAL_PANELS if plots._series(rows, p)]
+  if not panels:
+    return None
+  return plots.plot_runs([rows], out, panels, labels=[''], columns=4)
 
 
 def format_table(metrics: dict[str, float], step: int | None = None) -> str:

@@ -31,12 +31,12 @@ def _series(rows, panel):
 def plot_runs(runs: list[str], out: str, panels=DEFAULT_PANELS, labels=None,
               columns: int | None = None) -> str:
   """Draws one panel per metric (or family), one line per run and metric, `columns` panels
-  a row (default: all in one); returns `out`."""
+  a row (default: all in one); returns `out`. A run is a path (see load_rows) or its rows."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   labels = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
-  data = [load_rows(r) for r in runs]
+  data = [r if isinstance(r, list) else load_rows(r) for r in runs]
   drawn = [(p, [_series(rows, p) for rows in data]) for p in panels]
   drawn = [(p, s) for p, s in drawn if any(s)]
   if not drawn:
