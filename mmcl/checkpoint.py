@@ -26,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmcl import fs
-from mmcl.convert import io
-from mmcl.parallel.partition import path_str
+from mmcl import tree
+from mmcl.tree import path_str
 
 
 class CheckpointError(RuntimeError):
@@ -101,7 +101,7 @@ class Checkpointer:
     bad = nonfinite_names(state)
     if bad:
       raise FloatingPointError(
-          f'The train state at step {step} has non-finite values in {io.name_list(bad)}: '
+          f'The train state at step {step} has non-finite values in {tree.name_list(bad)}: '
           f'not saved; the newest checkpoint (step {self.latest_step()}) is kept.')
     if batches is not None:
       self.save_data_state(step, batches)
@@ -123,9 +123,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        shardings)
+    target = tree.with_shardings(abstract_state, shardings)
     cause = None
     try:
       self.check_structure(abstract_state, step, entries=True)
@@ -141,7 +139,7 @@ class Checkpointer:
     bad = nonfinite_names(state)
     if bad:
       raise CheckpointError(f'The checkpoint at step {step} in {self.directory} holds '
-                            f'non-finite values in {io.name_list(bad)}.')
+                            f'non-finite values in {tree.name_list(bad)}.')
     return state
 
   def restore_newest_good(self, abstract_state, shardings):
@@ -212,12 +210,12 @@ class Checkpointer:
         metadata['params']) if hasattr(m, 'shape')}
     want = {path_str(p): tuple(a.shape)
             for p, a in jax.tree_util.tree_leaves_with_path(abstract_state['params'])}
-    missing, unexpected, shapes = io.diff_shapes(saved, want, label='checkpoint ')
+    missing, unexpected, shapes = tree.diff_shapes(saved, want, label='checkpoint ')
     if missing or unexpected or shapes:
       raise CheckpointMismatch(
           f'The checkpoint at step {step} in {self.directory} does not match the model: '
-          f'missing {io.name_list(missing)}; unexpected {io.name_list(unexpected)}; '
-          f'shape mismatches {io.name_list(shapes)}.')
+          f'missing {tree.name_list(missing)}; unexpected {tree.name_list(unexpected)}; '
+          f'shape mismatches {tree.name_list(shapes)}.')
 
   def wait(self):
     self._manager.wait_until_finished()

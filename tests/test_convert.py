@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mmcl import models
+from mmcl import tree
 from mmcl.convert import io
 from mmcl.convert import open_clip as oc
 
@@ -189,7 +190,7 @@ def test_big_vision_siglip_npz(tmp_path):
       'siglip', 'last', 40)
   assert mc['text']['pad_as'] == 1  # big_vision's sticky EOS: pads are EOS (1).
   # Complete: every npz tensor is in the params (same values), and nothing else.
-  flat = io.flatten(imp.params)
+  flat = tree.flatten(imp.params)
   assert len(flat) == len(sd)
   np.testing.assert_array_equal(flat['txt/embedding/embedding'], sd['params/txt/Embed_0/embedding'])
   np.testing.assert_array_equal(
@@ -206,7 +207,7 @@ def test_big_vision_siglip_npz(tmp_path):
   np.testing.assert_allclose(out['t'], np.exp(sd['params/t'][0]), rtol=1e-6)
   # A scanned checkpoint (stacked blocks) gives the same params.
   scanned = _big_vision_npz(np.random.default_rng(0), scan=True)
-  assert sorted(io.flatten(big_vision.import_big_vision(scanned).params)) == sorted(flat)
+  assert sorted(tree.flatten(big_vision.import_big_vision(scanned).params)) == sorted(flat)
 
 
 def test_big_vision_leftover_tensor_is_named():

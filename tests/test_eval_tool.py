@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import demo
-from mmcl.evaluate import checkpoint_eval
+from mmcl.train import checkpoint_eval
 from mmcl.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import limoe_demo
-from mmcl import models
+from mmcl import models, tree
 from mmcl.models import moe
 from mmcl.train import loop
 from mmcl.train import metrics as metrics_lib
@@ -122,8 +122,7 @@ def test_sharded_limoe_matches_unsharded(setup):
   want = _apply(model, params, image, text)
   mesh = jax.make_mesh((2, 2), ('data', 'expert'), devices=jax.devices()[:4],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  with jax.set_mesh(mesh):
-    got = jax.jit(model.apply)(params, image, text)
+  got = jax.jit(model.clone(mesh=mesh).apply)(params, image, text)
   np.testing.assert_allclose(got[0], want[0], atol=2e-6)
   np.testing.assert_allclose(got[1], want[1], atol=2e-6)
   np.testing.assert_allclose(got[2]['aux_loss'], want[2]['aux_loss'], rtol=1e-5)
@@ -190,42 +189,36 @@ def test_utilisation_parsing_and_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_step_under_expert_mesh_uses_all_to_all_and_matches():
-  """What the loop gets once it builds and runs its step inside `jax.set_mesh(mesh)`."""
+def test_setup_step_is_expert_parallel_and_matches_plain_routing():
+  """The loop's step from `setup`: expert dispatch by all-to-all over the mesh it is given
+  (with or without an ambient `jax.set_mesh`: the same program), equal to plain routing."""
   from configs import limoe_b16
   from mmcl import losses
   from mmcl.parallel import mesh as mesh_lib
-  from mmcl.parallel import partition
-  from mmcl.train import optim, step as step_lib
   c = limoe_b16.get_config('tiny')
   c.mesh = (('data', 4), ('expert', 2))
   c.model.moe.group_size = 64  # Divides each device's image (4 x 64) and text (4 x 16) tokens.
-  mesh = mesh_lib.create_mesh(c.mesh)
-  model = models.get_model(c.model)
-  shapes = loop._batch_shapes(c, mesh)
-  rng = jax.random.key(0)
-  params_shape = jax.eval_shape(lambda: model.init(rng, *[jnp.zeros(s.shape, s.dtype)
-                                                          for s in shapes.values()])['params'])
-  tx, schedule = optim.make_optimizer(c, params_shape), optim.make_schedule(c)
+  s = loop.setup(c)
+  mesh, model, shapes, state_sharding = s.mesh, s.model, s.batch_shapes, s.state_sharding
   loss_fn = losses.make_loss_fn(c.loss.name, c.loss.impl, mesh)
-  _, state_sharding = step_lib.state_shardings(model, tx, rng, shapes, mesh, c.sharding_rules)
-  by_path = {partition.path_str(p): s.spec
-             for p, s in jax.tree_util.tree_leaves_with_path(state_sharding)}
+  by_path = {tree.path_str(p): sh.spec
+             for p, sh in jax.tree_util.tree_leaves_with_path(state_sharding)}
   assert tuple(by_path['params/Transformer/encoderblock_1/moe/wi']) == ('expert', None, None)
   batch = {'image': jax.random.normal(jax.random.key(1), shapes['image'].shape),
            'text': jax.random.randint(jax.random.key(2), shapes['text'].shape, 1, 258)}
   batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
-  state = jax.jit(lambda r: step_lib.init_state(model, tx, r, shapes),
-                  out_shardings=state_sharding)(rng)
-  step = step_lib.jit_train_step(model, tx, loss_fn, schedule, 0, state_sharding,
-                                 mesh_lib.batch_sharding(mesh), mesh)
+  state = s.init_state(jax.random.key(c.seed))
+  compiled = s.train_step.lower(state, batch).compile()
+  collectives = lambda text: {op: text.count(f' {op}(') for op in (  # pylint: disable=g-long-lambda
+      'all-to-all', 'all-reduce', 'all-gather', 'collective-permute')}
   with jax.set_mesh(mesh):
-    compiled = step.lower(state, batch).compile()
-  assert 'all-to-all' in compiled.as_text()
+    ambient = s.train_step.lower(state, batch).compile().as_text()
+  assert collectives(ambient) == collectives(compiled.as_text())
+  assert collectives(compiled.as_text())['all-to-all'] > 0
   # The same forward pass (same gating-noise key) without the mesh: plain routing code.
-  zimg, ztxt, out = jax.jit(lambda p, b: model.apply(
+  zimg, ztxt, out = jax.jit(lambda p, b: model.clone(mesh=None).apply(
       {'params': p}, b['image'], b['text'], train=True,
-      rngs={'dropout': jax.random.fold_in(jax.random.key(0), 0)}))(state['params'], batch)
+      rngs={'dropout': jax.random.fold_in(jax.random.key(c.seed), 0)}))(state['params'], batch)
   loss, _ = loss_fn(zimg, ztxt, out['t'], out.get('b'))
   got = jax.device_get(compiled(state, batch)[1])  # Donates `state`: last.
   np.testing.assert_allclose(got['train/loss'], loss, rtol=1e-5)

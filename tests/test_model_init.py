@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from mmcl.convert import io
+from mmcl import tree
 from mmcl.models import transformer
 from mmcl.train import loop
 from mmcl.train import model_init
@@ -32,7 +32,7 @@ def test_merge_loads_everything_but_dont_load_and_converts_the_scan_layout():
   rng = np.random.default_rng(0)
   fresh, loaded = _tree(rng), _tree(rng)
   out = model_init.merge(fresh, loaded, dont_load=['img/head/.*'])
-  flat, want, init = io.flatten(out), io.flatten(loaded), io.flatten(fresh)
+  flat, want, init = tree.flatten(out), tree.flatten(loaded), tree.flatten(fresh)
   for name in flat:
     np.testing.assert_array_equal(flat[name], init[name] if 'head' in name else want[name])
   # A scanned model takes per-layer weights (e.g. a converted checkpoint), stacked.

@@ -299,8 +299,31 @@ def test_scan_matches_unrolled_outputs_and_grads():
   jax.tree.map(np.testing.assert_array_equal, transformer.unstack_blocks(stacked), params)
   jaxpr = str(jax.make_jaxpr(scanned.apply)({'params': stacked}, _image(), _text()))
   assert jaxpr.count('scan[') >= 2, 'both towers scan'
-  with pytest.raises(ValueError, match='scan=True is for dense towers only'):
+  with pytest.raises(ValueError, match=r'scan=True needs every layer alike, but MoE layers '
+                     r'\[1\] of 2 are sparse; set moe.every=1'):
     _text_model(scan=True, moe=dict(num_experts=2))
+
+
+def test_sparse_tower_is_the_dense_block_with_a_moe_mlp():
+  """One block for both: a sparse tower takes act, ln_eps and scan (all layers sparse) like
+  a dense one; scanned and unrolled give the same embeddings and MoE losses."""
+  kw = dict(moe=dict(num_experts=2, every=1, group_size=4, importance_weight=1.0),
+            act='quick_gelu', ln_eps=1e-5, style='clip')
+  plain, scanned = _text_model(**kw), _text_model(scan=True, **kw)
+  params = plain.init(KEY, _text())['params']
+  blocks = params['Transformer']
+  assert set(blocks['encoderblock_0']) == {'LayerNorm_0', 'LayerNorm_1', 'moe',
+                                           'MultiHeadDotProductAttention_0'}
+  z0, out0 = plain.apply({'params': params}, _text())
+  z1, out1 = scanned.apply({'params': transformer.stack_blocks(params)}, _text())
+  np.testing.assert_allclose(z1, z0, atol=1e-5)
+  np.testing.assert_allclose(out1['aux_loss'], out0['aux_loss'], rtol=1e-5)
+  assert sorted(out1['metrics']) == sorted(out0['metrics'])
+  assert 'moe/layer1/text/importance_loss' in out0['metrics']
+  # The options reach the sparse blocks: another activation or epsilon, other embeddings.
+  for other in (dict(kw, act='gelu'), dict(kw, ln_eps=1e-1)):
+    z, _ = _text_model(**other).apply({'params': params}, _text())
+    assert not np.allclose(z, z0, atol=1e-4), other
 
 
 def test_dropout_train_uses_rng(vit_params):

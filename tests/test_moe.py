@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from mmcl.models import moe
+from mmcl.models import moe, transformer
 
 AUTO = jax.sharding.AxisType.Auto
 
@@ -257,24 +257,25 @@ def test_compiled_dispatch_is_all_to_all():
   assert 'all-gather' not in hlo
 
 
-def test_module_uses_ambient_expert_mesh():
-  m = moe.MoeMlp(spec=dict(num_experts=4, group_size=4), mlp_dim=16)
+def test_module_takes_its_expert_mesh_as_an_argument():
+  m = transformer.MoeMlp(spec=dict(num_experts=4, group_size=4), mlp_dim=16)
   x = jax.random.normal(jax.random.key(0), (8, 4, 8))
   v = jax.jit(m.init)(jax.random.key(1), x)
   want = jax.jit(m.apply)(v, x)
   mesh = jax.make_mesh((4, 2), ('data', 'expert'), axis_types=(AUTO, AUTO))
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(m.apply).lower(v, x).compile()
+  compiled = jax.jit(m.clone(mesh=mesh).apply).lower(v, x).compile()
   assert 'all-to-all' in compiled.as_text()
   got = compiled(v, x)
   np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+  with jax.set_mesh(mesh):  # An ambient mesh is not read: no mesh argument, no dispatch.
+    assert 'all-to-all' not in jax.jit(m.apply).lower(v, x).compile().as_text()
+  bad = jax.make_mesh((1, 8), ('data', 'expert'), axis_types=(AUTO, AUTO))
   with pytest.raises(ValueError, match=r'num_experts=4 does not divide over the 8 devices'):
-    with jax.set_mesh(jax.make_mesh((1, 8), ('data', 'expert'), axis_types=(AUTO, AUTO))):
-      jax.jit(m.apply)(v, x)
+    jax.jit(m.clone(mesh=bad).apply)(v, x)
 
 
 def test_gating_noise_only_in_training():
-  m = moe.MoeMlp(spec=dict(num_experts=4, group_size=8, noise_std=0.5, load_weight=1.0),
+  m = transformer.MoeMlp(spec=dict(num_experts=4, group_size=8, noise_std=0.5, load_weight=1.0),
                  mlp_dim=16)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8))
   v = jax.jit(m.init)(jax.random.key(1), x)

@@ -310,7 +310,7 @@ def test_naflex_padded_attention_and_pooling_equal_each_image_alone():
 
   @jax.jit
   def padded(params, x, valid):
-    y = enc.apply(params, x, naflex.attention_mask(valid))
+    y, _ = enc.apply(params, x, naflex.attention_mask(valid))
     return naflex.masked_mean(y, valid)
 
   out = padded(params, _sharded(x), _sharded(valid))
@@ -318,7 +318,7 @@ def test_naflex_padded_attention_and_pooling_equal_each_image_alone():
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     enc64 = transformer.Encoder(depth=1, mlp_dim=32, num_heads=2, dtype=jnp.float64)
     for i, (h, w) in enumerate(grids):
-      alone = enc64.apply(p64, x[i:i + 1, :h * w].astype(np.float64))
+      alone, _ = enc64.apply(p64, x[i:i + 1, :h * w].astype(np.float64))
       np.testing.assert_allclose(out[i], np.asarray(alone).mean(axis=1)[0], atol=1e-5)
 
 

@@ -243,7 +243,7 @@ def test_distill_run_losses_fall_and_resume_keeps_the_ema(shapes_data_dir, tmp_p
   assert not np.allclose(full['ema']['img']['head']['kernel'],
                          full['params']['img']['head']['kernel'])
   # config.ema.eval: tools/eval.py's restore reads the EMA weights instead of the params.
-  from mmcl.evaluate import checkpoint_eval
+  from mmcl.train import checkpoint_eval
   c_ema = c.copy_and_resolve_references()
   c_ema.ema.eval = True
   _, _, weights, step = checkpoint_eval.restore_params(c_ema, workdir, 8)

@@ -13,9 +13,9 @@ import pytest
 
 import fake_gcs
 from configs import demo
-from mmcl import fs
+from mmcl import fs, tree
 from mmcl.convert import io
-from mmcl.evaluate import checkpoint_eval
+from mmcl.train import checkpoint_eval
 from mmcl.train import loop
 from mmcl.train import metrics as metrics_lib
 from mmcl.train import validate as validate_lib
@@ -78,7 +78,7 @@ def test_weight_files_and_model_init_paths_on_gs(gcs):
   io.save_params('gs://bucket/w.npz', params)
   got = io.load_params('gs://bucket/w.npz')
   np.testing.assert_array_equal(got['img']['kernel'], params['img']['kernel'])
-  io.save_safetensors('gs://bucket/oc.safetensors', io.flatten(params))
+  io.save_safetensors('gs://bucket/oc.safetensors', tree.flatten(params))
   assert sorted(io.load_state_dict('gs://bucket/oc.safetensors')) == ['b', 'img/kernel']
   c = demo.get_config('tiny')
   c.model_init = 'gs://bucket/w.npz'

@@ -59,7 +59,7 @@ def test_sharded_meshes_and_resume(shapes_data_dir, tmp_path, mesh, impl):
 def test_fsdp_shards_parameters_and_optimizer_state(shapes_data_dir):
   from mmcl import models
   from mmcl.parallel import mesh as mesh_lib
-  from mmcl.parallel import partition
+  from mmcl import tree
   from mmcl.train import optim, step as step_lib
   c = tiny_config(shapes_data_dir, mesh=[('data', 4), ('fsdp', 2)])
   mesh = mesh_lib.create_mesh(c.mesh)
@@ -73,7 +73,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(shapes_data_dir):
   # pico's 64x256 MLP kernels exceed the FSDP size threshold and must be split, in the
   # parameters and in Adam's moments alike.
   kernel = 'img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'
-  by_path = {partition.path_str(p): s.spec
+  by_path = {tree.path_str(p): s.spec
              for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
   assert 'fsdp' in tuple(by_path[f'params/{kernel}'])
   assert any(k.endswith(f'mu/{kernel}') and 'fsdp' in tuple(v) for k, v in by_path.items())

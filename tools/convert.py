@@ -50,7 +50,7 @@ flags.mark_flags_as_required(['out'])
 
 
 def main(argv):
-  from mmcl import fs  # pylint: disable=g-import-not-at-top
+  from mmcl import fs, tree  # pylint: disable=g-import-not-at-top
   from mmcl.convert import big_vision, io, open_clip  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   command = argv[1] if len(argv) == 2 else None
@@ -75,7 +75,7 @@ def main(argv):
     io.save_params(f.out + '.npz', params)
     with fs.open(f.out + '.json', 'w') as fp:  # --out may be gs://...
       json.dump(meta, fp, indent=2)
-    n = sum(v.size for v in io.flatten(imp.params).values())
+    n = sum(v.size for v in tree.flatten(imp.params).values())
     print(f'{f.weights} -> {f.out}.npz ({n:,} parameters), {f.out}.json')
   elif command == 'export':
     if not f.params or bool(f.model_json) == bool(f.config):

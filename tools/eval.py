@@ -45,7 +45,7 @@ def main(argv):
   f = flags.FLAGS
   processes.init_distributed()
   from mmcl import fs
-  from mmcl.evaluate import checkpoint_eval
+  from mmcl.train import checkpoint_eval
   try:
     workdir, step = checkpoint_eval.resolve_checkpoint(f.workdir, f.checkpoint)
     steps = _steps(f.steps, step)

@@ -20,6 +20,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from mmcl import tree
 from mmcl.convert import io
 from mmcl.convert import open_clip as oc_lib
 from mmcl.models import posemb
@@ -59,8 +60,8 @@ def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str
   sd = io.load_state_dict(weights) if isinstance(weights, str) else {
       k: np.asarray(v, np.float32) for k, v in weights.items()}
   # Scanned encoders ('Transformer/encoderblock/X' [depth, ...]) -> 'encoderblock_<i>/X'.
-  flat = io.flatten(transformer.unstack_blocks(
-      io.unflatten({k.removeprefix('params/'): v for k, v in sd.items()})))
+  flat = tree.flatten(transformer.unstack_blocks(
+      tree.unflatten({k.removeprefix('params/'): v for k, v in sd.items()})))
   for need in ('img/embedding/kernel', 'img/pos_embedding', 'txt/Embed_0/embedding',
                'txt/pos_embedding', 't'):
     if need not in flat:
@@ -102,7 +103,7 @@ def import_big_vision(weights: str | Mapping[str, np.ndarray], *, text_pool: str
              temperature_init=float(np.exp(flat['t'])))
   if 'b' in flat:
     cfg['bias_init'] = float(flat['b'])
-  params = io.unflatten(flat)
+  params = tree.unflatten(flat)
   size = grid * int(p)
   if resize_to is not None and resize_to != size:
     params, size = posemb.to_image_size(params, int(p), resize_to, resample), int(resize_to)

@@ -4,12 +4,13 @@ Nothing here unpickles: `.safetensors` and `.npz` are plain arrays, and a PyTorc
 goes through `torch.load(weights_only=True)` (torch's restricted unpickler).
 """
 import io as _io
-from typing import Any, Mapping
+from typing import Mapping
 import zipfile
 
 import numpy as np
 
 from mmcl import fs
+from mmcl.tree import diff_shapes, flatten, unflatten
 
 # Non-tensor entries of OpenAI's original CLIP state dicts (ints that open_clip drops too).
 _OPENAI_META = ('input_resolution', 'context_length', 'vocab_size')
@@ -82,29 +83,6 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None
     f.write(data)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, np.ndarray]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, f'{prefix}{k}/'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: dict = {}
-  for name, v in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 class Tensors:
   """A flat state dict that is consumed by name; what is never taken is an error."""
 
@@ -132,21 +110,6 @@ class Tensors:
     if left:
       raise ValueError(f'{self.source}: {len(left)} tensor(s) not mapped to the mmcl model: '
                        f'{", ".join(left[:30])}' + (' ...' if len(left) > 30 else ''))
-
-
-def diff_shapes(got: Mapping[str, tuple], want: Mapping[str, tuple], label: str = ''):
-  """(names missing from `got`, names `want` lacks, 'name: <label>shape vs model shape' for
-  the shared names whose shapes differ), each sorted. Maps are {name: shape}."""
-  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  bad = sorted(f'{k}: {label}{tuple(got[k])} vs model {tuple(want[k])}'
-               for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k]))
-  return missing, extra, bad
-
-
-def name_list(names: list[str], limit: int = 20) -> str:
-  """'a, b, c ... (N in all)' for error messages; 'none' when empty."""
-  more = f' ... ({len(names)} in all)' if len(names) > limit else ''
-  return ', '.join(names[:limit]) + more if names else 'none'
 
 
 def check_params(params: Mapping, expected: Mapping, what: str = 'converted params'):

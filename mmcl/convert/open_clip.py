@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from mmcl import fs
+from mmcl import tree
 from mmcl.convert import io
 from mmcl.models import posemb
 from mmcl.models import text as text_lib
@@ -318,7 +319,7 @@ def import_open_clip(weights: str | Mapping[str, np.ndarray], config: Mapping | 
     flat.update({m: np.asarray(x, np.float32) for m, x in zip(rule.mmcl, outs)})
   tensors.check_all_taken()
   mcfg['temperature_init'] = float(np.exp(flat['t']))
-  params = io.unflatten(flat)
+  params = tree.unflatten(flat)
   if resize_to is not None and resize_to != image_size(cfg):
     params = posemb.to_image_size(params, cfg['vision_cfg']['patch_size'], resize_to, resample)
     cfg['vision_cfg']['image_size'] = int(resize_to)
@@ -418,7 +419,7 @@ def export_open_clip(model_cfg: Mapping, params: Mapping, path: str | None = Non
   """
   params = params.get('params', params)
   cfg = export_config(model_cfg, params, eos_id=eos_id)
-  flat = {k: np.asarray(v, np.float32) for k, v in io.flatten(params).items()}
+  flat = {k: np.asarray(v, np.float32) for k, v in tree.flatten(params).items()}
   ibias = flat.pop('img/head/bias', None)
   if ibias is not None and np.any(ibias):
     raise ValueError('The image head has a non-zero bias; open_clip visual.proj has none '
@@ -454,7 +455,7 @@ def fold_normalization(params: Mapping, mean=OPENAI_MEAN, std=OPENAI_STD, *,
   Then mmcl's `value_range(0, 1)` pp op is the whole image preprocessing. `unfold=True` undoes
   it (do that before exporting to open_clip, whose preprocessing normalises).
   """
-  out = io.unflatten(io.flatten(params))  # New dicts; the other arrays are shared.
+  out = tree.unflatten(tree.flatten(params))  # New dicts; the other arrays are shared.
   emb = out['img']['embedding']
   k_PxPxCxD, b_D = np.asarray(emb['kernel'], np.float32), np.asarray(emb['bias'], np.float32)
   mean_C, std_C = np.asarray(mean, np.float32), np.asarray(std, np.float32)

@@ -21,8 +21,9 @@ def _to_plain(x):
   return x
 
 
-def get_model(model_config: Any) -> nn.Module:
-  """Builds the model `model_config.name` from the config's other fields.
+def get_model(model_config: Any, mesh=None) -> nn.Module:
+  """Builds the model `model_config.name` from the config's other fields, over `mesh` (the
+  device mesh its layers with their own collectives use: MoE expert dispatch).
 
   Raises ValueError (before any compilation) for an unknown model name, an
   unknown field or a bad tower variant.
@@ -32,12 +33,15 @@ def get_model(model_config: Any) -> nn.Module:
   if name not in MODELS:
     raise ValueError(f'Unknown model name {name!r}; valid: {sorted(MODELS)}')
   cls = MODELS[name]
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  if 'mesh' in cfg:
+    raise ValueError("The model config may not set 'mesh': it is the run's device mesh, "
+                     'which setup passes (models.get_model(config.model, mesh)).')
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'mesh'}
   unknown = sorted(set(cfg) - fields)
   if unknown:
     raise ValueError(f'Unknown field(s) {unknown} for model {name!r}; '
                      f'valid: {sorted(fields)}')
-  return cls(**cfg)
+  return cls(**cfg, mesh=mesh)
 
 
 __all__ = ['MODELS', 'get_model', 'LIMoE', 'TwoTowers', 'ViT', 'TextTransformer']
@@ -54,7 +58,7 @@ def summarize(model_config: Any, image_size: int, text_len: int, batch: int = 8)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from mmcl.models import moe, transformer  # pylint: disable=g-import-not-at-top
-  from mmcl.parallel import partition  # pylint: disable=g-import-not-at-top
+  from mmcl import tree  # pylint: disable=g-import-not-at-top
   cfg = _to_plain(model_config)
   model = get_model(cfg)
   image = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
@@ -66,7 +70,7 @@ def summarize(model_config: Any, image_size: int, text_len: int, batch: int = 8)
            {'img/': (cfg.get('image') or {}).get('moe'), 'txt/': (cfg.get('text') or {}).get('moe')})
   skipped = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = partition.path_str(path)
+    name = tree.path_str(path)
     if '/moe/' in name and name.rsplit('/', 1)[-1] in ('wi', 'bi', 'wo', 'bo'):
       spec = moe.MoeSpec.make(next(s for p, s in specs.items() if name.startswith(p) and s))
       skipped += leaf.size // spec.num_experts * (spec.num_experts - spec.k)

@@ -7,7 +7,6 @@ routing groups, capacity and per-modality entropy losses. Each modality has its 
 and linear head into the shared contrastive space; temperature/bias as in TwoTowers.
 """
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -50,12 +49,17 @@ class LIMoE(nn.Module):
   dropout: float = 0.0
   patch_dropout: float = 0.0  # FLIP, on the image tokens only (texts are short already).
   remat: bool | str = False  # Or a transformer.REMAT_POLICIES name.
+  scan: bool = False  # nn.scan over the blocks: needs every layer sparse (moe.every=1).
+  act: str = 'gelu_tanh'  # MLP activation (dense and expert MLPs), transformer.ACTIVATIONS.
+  ln_eps: float = transformer.LN_EPS
   dtype: str = 'float32'
+  mesh: Any = None  # The device mesh (setup passes it): expert parallelism.
 
   def __post_init__(self):
     super().__post_init__()
     hp = self.hparams()  # Fail at construction time, not inside jit.
-    moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
+    transformer.check_scan(self.moe, hp['depth'], self.scan)
+    transformer.check_act(self.act)
     if self.image_pool not in IMAGE_POOLS:
       raise ValueError(f'Unknown LIMoE image_pool {self.image_pool!r}; valid: {IMAGE_POOLS}')
     if self.text_style not in text_lib.STYLES:
@@ -65,10 +69,7 @@ class LIMoE(nn.Module):
       raise ValueError(f'Unknown LIMoE text_pool {self.text_pool!r}; '
                        f'valid: {text_lib.POOLS}')
     text_lib.routed_tokens(None, self.moe, self.text_style, self.text_pool)
-    if self.temperature_init <= 0:
-      raise ValueError(f'temperature_init must be > 0, got {self.temperature_init}.')
-    if self.max_temperature is not None and self.max_temperature <= 0:
-      raise ValueError(f'max_temperature must be > 0, got {self.max_temperature}.')
+    two_towers.check_temperature(self.temperature_init, self.max_temperature)
     transformer.canonical_dtype(self.dtype)
     patch_dropout_lib.kept_count(1, self.patch_dropout)  # Range check.
 
@@ -82,9 +83,10 @@ class LIMoE(nn.Module):
     dtype = transformer.canonical_dtype(self.dtype)
     d = hp['width']
     pdt = transformer.PARAM_DTYPE
-    encoder = moe_lib.MoeEncoder(
-        depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-        dropout=self.dropout, remat=self.remat, dtype=dtype, name='Transformer')
+    encoder = transformer.Encoder(
+        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act, ln_eps=self.ln_eps,
+        scan=self.scan, moe=moe_lib.MoeSpec.make(self.moe), mesh=self.mesh, name='Transformer')
     head = lambda name: nn.Dense(self.embed_dim, dtype=transformer.HEAD_DTYPE, param_dtype=pdt,
                                  precision=transformer.HEAD_PRECISION, name=name)
     out = {'aux_loss': jnp.zeros((), jnp.float32), 'metrics': {}}
@@ -95,12 +97,9 @@ class LIMoE(nn.Module):
 
     zimg_BxD = ztxt_BxD = None
     if image is not None:
-      p = hp['patch_size']
-      x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype, param_dtype=pdt,
-                  name='img_embedding')(image.astype(dtype))
+      x = vit.embed_patches(self, image, hp['patch_size'], d, dtype, name='img_embedding')
       b, h, w, _ = x.shape
-      pos_1xNxD = self.param('img_pos_embedding',
-                             nn.initializers.normal(stddev=1 / math.sqrt(d)), (1, h * w, d), pdt)
+      pos_1xNxD = vit.position_embedding(self, (h, w), d, name='img_pos_embedding')
       x_BxNxD = x.reshape(b, h * w, d) + pos_1xNxD.astype(dtype)
       if train and self.patch_dropout > 0:
         x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
@@ -117,14 +116,8 @@ class LIMoE(nn.Module):
 
     if text is not None:
       _, l = text.shape
-      if l > self.max_len:
-        raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
-      x_BxLxD = nn.Embed(self.vocab_size, d, dtype=dtype, param_dtype=pdt,
-                         embedding_init=nn.initializers.normal(stddev=0.02),
-                         name='txt_embedding')(text)
-      pos_1xMxD = self.param('txt_pos_embedding', nn.initializers.normal(stddev=0.01),
-                             (1, self.max_len, d), pdt)
-      x_BxLxD = x_BxLxD + pos_1xMxD[:, :l].astype(dtype)
+      x_BxLxD = text_lib.embed_tokens(self, text, self.vocab_size, d, self.max_len, dtype,
+                                      name='txt_embedding', pos_name='txt_pos_embedding')
       x_BxLxD = nn.Dropout(rate=self.dropout)(x_BxLxD, not train)
       mask = None
       if self.text_style == 'clip':
@@ -141,10 +134,5 @@ class LIMoE(nn.Module):
         x_BxD = text_lib.pool_tokens(x_BxLxD, text, pool)
       ztxt_BxD = two_towers.l2_normalize(head('txt_head')(x_BxD))
 
-    t = self.param('t', lambda _: jnp.log(jnp.asarray(self.temperature_init, jnp.float32)))
-    if self.max_temperature is not None:
-      t = jnp.minimum(t, math.log(self.max_temperature))
-    out['t'] = jnp.exp(t).astype(jnp.float32)
-    if self.bias_init is not None:
-      out['b'] = self.param('b', lambda _: jnp.asarray(self.bias_init, jnp.float32))
+    two_towers.logit_scale_and_bias(self, out)
     return zimg_BxD, ztxt_BxD, out

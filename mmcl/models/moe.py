@@ -18,13 +18,15 @@ Importance and entropies use the clean router probabilities p = softmax(x @ rout
 One call sees one modality (LIMoE runs images and texts through the encoder separately),
 so the entropy losses and metrics are per modality by construction.
 
-Expert parallelism: when the ambient mesh (`jax.set_mesh`) has an `expert` axis of size
-n > 1, the layer runs in one `shard_map` over all mesh axes: each device routes its own
+Expert parallelism: when the mesh the model is given (its `mesh` field, from `setup`) has an
+`expert` axis of size n > 1, the layer runs in one `shard_map` over all mesh axes: each device routes its own
 tokens (groups never cross devices), sends each expert's buffers to the device holding
 that expert with `all_to_all` over the expert axis, applies its E/n experts and sends the
 results back. Expert weights are sharded over the expert axis (rules in configs/limoe_*),
 the batch over the batch axes (data, fsdp, expert). Without such a mesh it is plain code
-(and the compiler partitions it from the parameter shardings).
+(and the compiler partitions it from the parameter shardings). The mesh is an argument, never
+read from the ambient `jax.set_mesh`, so one config compiles one program wherever it is built.
+The layer module itself is `transformer.MoeMlp` (a block's pluggable MLP).
 """
 import dataclasses
 import math
@@ -36,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mmcl.models import transformer
 from mmcl.parallel import mesh as mesh_lib
 
 MODALITIES = ('image', 'text')
@@ -173,18 +174,18 @@ def entropy(p_xE, axis=-1):
   return -jnp.sum(p_xE * jnp.log(jnp.maximum(p_xE, 1e-9)), axis=axis)
 
 
-def expert_mlp(params, x_XxExCxM, dtype):
-  """The E expert MLPs on their buffers (any leading dims X)."""
+def expert_mlp(params, x_XxExCxM, dtype, act=nn.gelu):
+  """The E expert MLPs on their buffers (any leading dims X); `act` the activation."""
   wi, bi, wo, bo = (params[n].astype(dtype) for n in ('wi', 'bi', 'wo', 'bo'))
   lead = (1,) * (x_XxExCxM.ndim - 3)
   h = jnp.einsum('...ecm,emh->...ech', x_XxExCxM, wi) + bi.reshape(lead + (bi.shape[0], 1, -1))
-  y = jnp.einsum('...ech,ehm->...ecm', nn.gelu(h), wo)
+  y = jnp.einsum('...ech,ehm->...ecm', act(h), wo)
   return y + bo.reshape(lead + (bo.shape[0], 1, -1))
 
 
 def moe_apply(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpec,
               train: bool, modality: str = 'image', expert_axis: str | None = None,
-              reduce_axes: tuple[str, ...] = ()):
+              reduce_axes: tuple[str, ...] = (), act=nn.gelu):
   """The MoE MLP on this device's tokens. Returns (y_BxLxM, stats, dropped_BxL).
 
   valid_BxL (bool, optional): False marks tokens not to route (padding): their output is 0,
@@ -215,10 +216,10 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpe
   dispatch_GxSxExC = (combine_GxSxExC > 0).astype(dtype)
   buf_GxExCxM = jnp.einsum('gsec,gsm->gecm', dispatch_GxSxExC, x_GxSxM)
   if expert_axis is None:
-    out_GxExCxM = expert_mlp(params, buf_GxExCxM, dtype)
+    out_GxExCxM = expert_mlp(params, buf_GxExCxM, dtype, act)
   else:  # Each device gets its experts' buffers from every device of the expert axis.
     buf_NGxElxCxM = jax.lax.all_to_all(buf_GxExCxM, expert_axis, 1, 0, tiled=True)
-    out_NGxElxCxM = expert_mlp(params, buf_NGxElxCxM, dtype)
+    out_NGxElxCxM = expert_mlp(params, buf_NGxElxCxM, dtype, act)
     out_GxExCxM = jax.lax.all_to_all(out_NGxElxCxM, expert_axis, 0, 1, tiled=True)
   y_GxSxM = jnp.einsum('gsec,gecm->gsm', combine_GxSxExC.astype(dtype), out_GxExCxM)
   dropped_GxS = ~jnp.any(kept_GxSxK, axis=-1)
@@ -270,16 +271,15 @@ def moe_apply(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpe
   return y_GxSxM.reshape(b, l, m), stats, dropped_GxS.reshape(b, l)
 
 
-def ambient_expert_mesh(expert_axis: str):
-  """The `jax.set_mesh` mesh when it has `expert_axis` of size > 1, else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.shape.get(expert_axis, 1) <= 1:
+def expert_mesh(mesh, expert_axis: str):
+  """`mesh` when it has `expert_axis` of size > 1 (expert parallelism), else None."""
+  if mesh is None or mesh.shape.get(expert_axis, 1) <= 1:
     return None
   return mesh
 
 
 def moe_sharded(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeSpec,
-                train: bool, modality: str = 'image', mesh=None):
+                train: bool, modality: str = 'image', mesh=None, act=nn.gelu):
   """`moe_apply` over a mesh with an expert axis: one shard_map, all_to_all dispatch."""
   ax = spec.expert_axis
   n = mesh.shape[ax]
@@ -290,7 +290,7 @@ def moe_sharded(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeS
   expert_specs = {'router': P(), 'wi': P(ax), 'bi': P(ax), 'wo': P(ax), 'bo': P(ax)}
   fn = lambda p, x, z, v: moe_apply(  # pylint: disable=g-long-lambda
       p, x, z, v, spec=spec, train=train, modality=modality, expert_axis=ax,
-      reduce_axes=batch)
+      reduce_axes=batch, act=act)
   optional = lambda a: None if a is None else P(batch)
   return jax.shard_map(
       fn, mesh=mesh,
@@ -298,114 +298,9 @@ def moe_sharded(params, x_BxLxM, noise_BxLxE=None, valid_BxL=None, *, spec: MoeS
       out_specs=(P(batch), P(), P(batch)))(params, x_BxLxM, noise_BxLxE, valid_BxL)
 
 
-class MoeMlp(nn.Module):
-  """Router + E expert MLPs (stacked on a leading expert dim), replacing a block's MLP."""
-  spec: Any = None  # MoeSpec or its dict.
-  mlp_dim: int | None = None  # Used when spec.mlp_dim is None; default 4x width.
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxLxM, *, train: bool = False, modality: str = 'image',
-               valid_BxL=None):
-    spec = MoeSpec.make(self.spec)
-    m, e = x_BxLxM.shape[-1], spec.num_experts
-    h = spec.mlp_dim or self.mlp_dim or 4 * m
-    kinit = transformer._KERNEL_INIT  # pylint: disable=protected-access
-    # Each expert's kernels are initialised like a dense MLP's (fan-in/out of one expert).
-    per_expert = lambda init: lambda k, shape, dt: jax.vmap(  # pylint: disable=g-long-lambda
-        lambda kk: init(kk, shape[1:], dt))(jax.random.split(k, shape[0]))
-    params = {
-        'router': self.param('router', nn.initializers.normal(stddev=0.02), (m, e),
-                             transformer.PARAM_DTYPE),
-        'wi': self.param('wi', per_expert(kinit), (e, m, h), transformer.PARAM_DTYPE),
-        'bi': self.param('bi', transformer._MLP_BIAS_INIT, (e, h),  # pylint: disable=protected-access
-                         transformer.PARAM_DTYPE),
-        'wo': self.param('wo', per_expert(kinit), (e, h, m), transformer.PARAM_DTYPE),
-        'bo': self.param('bo', transformer._MLP_BIAS_INIT, (e, m),  # pylint: disable=protected-access
-                         transformer.PARAM_DTYPE),
-    }
-    noise = None
-    std = spec.noise_std if spec.noise_std is not None else 1.0 / e
-    if train and std > 0:
-      noise = std * jax.random.normal(self.make_rng('dropout'), x_BxLxM.shape[:-1] + (e,))
-    mesh = ambient_expert_mesh(spec.expert_axis)
-    if mesh is None:
-      y, stats, _ = moe_apply(params, x_BxLxM, noise, valid_BxL, spec=spec, train=train,
-                              modality=modality)
-    else:
-      y, stats, _ = moe_sharded(params, x_BxLxM, noise, valid_BxL, spec=spec, train=train,
-                                modality=modality, mesh=mesh)
-    return y, stats
-
-
-class MoeEncoderBlock(nn.Module):
-  """Pre-norm block whose MLP is sparse: x + Attn(LN(x)), then x + MoE(LN(x))."""
-  spec: Any = None
-  mlp_dim: int | None = None
-  num_heads: int = 12
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True, modality: str = 'image',
-               valid_BxL=None):
-    ln = lambda: nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE)
-    y = ln()(x_BxLxD)
-    y = transformer._attention(self.num_heads, self.dtype)(  # pylint: disable=protected-access
-        y, y, mask=mask, deterministic=deterministic)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x_BxLxD = x_BxLxD + y
-    y, stats = MoeMlp(spec=self.spec, mlp_dim=self.mlp_dim, dtype=self.dtype, name='moe')(
-        ln()(x_BxLxD), train=not deterministic, modality=modality, valid_BxL=valid_BxL)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return x_BxLxD + y, stats
-
-
-class MoeEncoder(nn.Module):
-  """transformer.Encoder with MoE blocks at `spec.layer_ids(depth)`; same param names.
-
-  Returns (x, aux) with aux = {'loss': summed weighted aux losses,
-  'metrics': {'moe/layer{i}/{modality}/{name}': scalar}}.
-  """
-  depth: int
-  moe: Any = None  # MoeSpec or its dict.
-  mlp_dim: int | None = None
-  num_heads: int = 12
-  dropout: float = 0.0
-  remat: Any = False  # False/True or a transformer.REMAT_POLICIES name.
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True,
-               modality: str = 'image', valid_BxL=None):
-    """`valid_BxL`: see `moe_apply` (tokens the MoE layers do not route)."""
-    if modality not in MODALITIES:
-      raise ValueError(f'Unknown modality {modality!r}; valid: {MODALITIES}')
-    spec = MoeSpec.make(self.moe)
-    moe_ids = spec.layer_ids(self.depth)
-    # Same remat policies as the dense encoder (deterministic, modality: static args).
-    dense_cls = transformer.remat_block(transformer.EncoderBlock, self.remat, (3,))
-    moe_cls = transformer.remat_block(MoeEncoderBlock, self.remat, (3, 4))
-    loss, metrics = 0.0, {}
-    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              dtype=self.dtype)
-    for i in range(self.depth):
-      name = f'encoderblock_{i}'
-      if i in moe_ids:
-        x_BxLxD, stats = moe_cls(spec=spec, name=name, **kw)(
-            x_BxLxD, mask, deterministic, modality, valid_BxL)
-        loss = loss + stats.pop('loss')
-        metrics.update({f'moe/layer{i}/{modality}/{k}': v for k, v in stats.items()})
-      else:
-        x_BxLxD = dense_cls(name=name, **kw)(x_BxLxD, mask, deterministic)
-    x_BxLxD = nn.LayerNorm(dtype=self.dtype, param_dtype=transformer.PARAM_DTYPE,
-                           name='encoder_norm')(x_BxLxD)
-    return x_BxLxD, {'loss': jnp.asarray(loss, jnp.float32), 'metrics': metrics}
-
-
 def utilisation(row: Mapping[str, float], prefix: str = 'train/') -> dict:
   """{modality: {layer: [fraction of its tokens per expert]}} from one metrics row
-  (names as MoeEncoder writes them: '<prefix>moe/layer<i>/<modality>/expert<e>')."""
+  (names as transformer.Encoder writes them: '<prefix>moe/layer<i>/<modality>/expert<e>')."""
   found = {}
   for name, v in row.items():
     parts = name[len(prefix):].split('/') if name.startswith(prefix) else []

@@ -76,6 +76,19 @@ def pool_tokens(x_BxLxD, text_BxL, pool: str):
                    f'{[p for p in POOLS if p != "map"]}')
 
 
+def embed_tokens(module: nn.Module, ids_BxL, vocab_size: int, width: int, max_len: int,
+                 dtype, name: str = 'embedding', pos_name: str = 'pos_embedding'):
+  """Token + learned position embedding of `module` (inside its compact method)."""
+  _, l = ids_BxL.shape
+  if l > max_len:
+    raise ValueError(f'Text length {l} exceeds max_len {max_len}.')
+  x_BxLxD = nn.Embed(vocab_size, width, dtype=dtype, param_dtype=transformer.PARAM_DTYPE,
+                     embedding_init=nn.initializers.normal(stddev=0.02), name=name)(ids_BxL)
+  pos_1xMxD = module.param(pos_name, nn.initializers.normal(stddev=0.01),
+                           (1, max_len, width), transformer.PARAM_DTYPE)
+  return x_BxLxD + pos_1xMxD[:, :l].astype(dtype)
+
+
 class TextTransformer(nn.Module):
   """Token + position embedding -> pre-norm encoder -> pool -> head.
 
@@ -96,9 +109,10 @@ class TextTransformer(nn.Module):
   pool: str | None = None
   dropout: float = 0.0
   remat: bool | str = False
-  scan: bool = False  # nn.scan over the (dense) encoder's blocks: transformer.Encoder.
+  scan: bool = False  # nn.scan over the encoder's blocks (transformer.Encoder, check_scan).
   dtype: Any = 'float32'
   moe: Any = None  # Sparse MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
+  mesh: Any = None  # The device mesh (from setup): MoE expert parallelism.
   # Opt-in features of open_clip text towers (mmcl.convert):
   head_bias: bool = True  # False: bias-free projection head (open_clip text_projection).
   act: str = 'gelu_tanh'  # MLP activation, a transformer.ACTIVATIONS name.
@@ -110,13 +124,8 @@ class TextTransformer(nn.Module):
     super().__post_init__()
     hp = self.hparams()  # Fail at construction time, not inside jit.
     transformer.check_act(self.act)
-    if self.moe is not None:
-      moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
-      if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
-        raise ValueError('Text act/ln_eps are for dense towers only (moe is set).')
-      if self.scan:
-        raise ValueError('Text scan=True is for dense towers only (moe is set).')
-      routed_tokens(None, self.moe, self.style, self.pool)
+    transformer.check_scan(self.moe, hp['depth'], self.scan)
+    routed_tokens(None, self.moe, self.style, self.pool)
     if self.style not in STYLES:
       raise ValueError(f'Unknown text style {self.style!r}; valid: {STYLES}')
     if self.pool is not None and self.pool not in POOLS:
@@ -132,39 +141,24 @@ class TextTransformer(nn.Module):
     dtype = transformer.canonical_dtype(self.dtype)
     d = hp['width']
     _, l = text_BxL.shape
-    if l > self.max_len:
-      raise ValueError(f'Text length {l} exceeds max_len {self.max_len}.')
     out = {}
 
     ids_BxL = text_BxL
     if self.pad_as is not None:  # Pooling below still sees the original ids.
       ids_BxL = jnp.where(text_BxL == PAD_ID, self.pad_as, text_BxL)
-    x_BxLxD = nn.Embed(
-        self.vocab_size, d, dtype=dtype, param_dtype=transformer.PARAM_DTYPE,
-        embedding_init=nn.initializers.normal(stddev=0.02),
-        name='embedding')(ids_BxL)
-    pos_1xMxD = self.param('pos_embedding',
-                           nn.initializers.normal(stddev=0.01),
-                           (1, self.max_len, d), transformer.PARAM_DTYPE)
-    x_BxLxD = x_BxLxD + pos_1xMxD[:, :l].astype(dtype)
+    x_BxLxD = embed_tokens(self, ids_BxL, self.vocab_size, d, self.max_len, dtype)
     x_BxLxD = nn.Dropout(rate=self.dropout)(x_BxLxD, not train)
 
     mask = None
     if self.style == 'clip':
       mask = nn.make_causal_mask(jnp.ones((1, l), jnp.bool_), dtype=jnp.bool_)
-    if self.moe is None:
-      x_BxLxD = transformer.Encoder(
-          depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-          dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
-          ln_eps=self.ln_eps, scan=self.scan,
-          name='Transformer')(x_BxLxD, mask, deterministic=not train)
-    else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
-      x_BxLxD, aux = moe_lib.MoeEncoder(
-          depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
-          num_heads=hp['num_heads'], dropout=self.dropout, remat=self.remat,
-          dtype=dtype, name='Transformer')(
-              x_BxLxD, mask, deterministic=not train, modality='text',
-              valid_BxL=routed_tokens(text_BxL, self.moe, self.style, self.pool))
+    x_BxLxD, aux = transformer.Encoder(
+        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
+        ln_eps=self.ln_eps, scan=self.scan, moe=self.moe, mesh=self.mesh,
+        name='Transformer')(x_BxLxD, mask, deterministic=not train, modality='text',
+                            valid_BxL=routed_tokens(text_BxL, self.moe, self.style, self.pool))
+    if self.moe is not None:
       out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxLxD
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmcl.models import moe as moe_lib
+
 Dtype = Any
 PARAM_DTYPE = jnp.float32
 # The projection into the contrastive space, and everything after it (normalisation, logits,
@@ -111,18 +113,66 @@ class MlpBlock(nn.Module):
     return dense(d)(x_NxF).reshape(x_BxLxD.shape)
 
 
+class MoeMlp(nn.Module):
+  """Router + E expert MLPs (stacked on a leading expert dim): a block's sparse MLP.
+
+  `mesh`: with an expert axis of size > 1 the layer runs expert-parallel (moe.moe_sharded).
+  Returns (y, stats) (moe.moe_apply's stats).
+  """
+  spec: Any = None  # moe.MoeSpec or its dict.
+  mlp_dim: int | None = None  # Used when spec.mlp_dim is None; default 4x width.
+  dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x_BxLxM, *, train: bool = False, modality: str = 'image',
+               valid_BxL=None):
+    spec = moe_lib.MoeSpec.make(self.spec)
+    m, e = x_BxLxM.shape[-1], spec.num_experts
+    h = spec.mlp_dim or self.mlp_dim or 4 * m
+    # Each expert's kernels are initialised like a dense MLP's (fan-in/out of one expert).
+    per_expert = lambda init: lambda k, shape, dt: jax.vmap(  # pylint: disable=g-long-lambda
+        lambda kk: init(kk, shape[1:], dt))(jax.random.split(k, shape[0]))
+    params = {
+        'router': self.param('router', nn.initializers.normal(stddev=0.02), (m, e),
+                             PARAM_DTYPE),
+        'wi': self.param('wi', per_expert(_KERNEL_INIT), (e, m, h), PARAM_DTYPE),
+        'bi': self.param('bi', _MLP_BIAS_INIT, (e, h), PARAM_DTYPE),
+        'wo': self.param('wo', per_expert(_KERNEL_INIT), (e, h, m), PARAM_DTYPE),
+        'bo': self.param('bo', _MLP_BIAS_INIT, (e, m), PARAM_DTYPE),
+    }
+    noise = None
+    std = spec.noise_std if spec.noise_std is not None else 1.0 / e
+    if train and std > 0:
+      noise = std * jax.random.normal(self.make_rng('dropout'), x_BxLxM.shape[:-1] + (e,))
+    kw = dict(spec=spec, train=train, modality=modality, act=ACTIVATIONS[self.act])
+    mesh = moe_lib.expert_mesh(self.mesh, spec.expert_axis)
+    if mesh is None:
+      y, stats, _ = moe_lib.moe_apply(params, x_BxLxM, noise, valid_BxL, **kw)
+    else:
+      y, stats, _ = moe_lib.moe_sharded(params, x_BxLxM, noise, valid_BxL, mesh=mesh, **kw)
+    return y, stats
+
+
 class EncoderBlock(nn.Module):
-  """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x)); the MLP is dense (MlpBlock) or,
+  with `moe`, sparse (MoeMlp, params under 'moe'). Returns (x, stats): the MoE layer's
+  statistics, {} for a dense block."""
   mlp_dim: int | None = None
   num_heads: int = 12
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   act: str = 'gelu_tanh'
   ln_eps: float = LN_EPS
+  moe: Any = None  # A moe.MoeSpec (or its dict): this block's MLP is sparse.
+  mesh: Any = None  # For MoE expert parallelism (MoeMlp).
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True):
-    """`mask` is boolean, broadcastable to [B, heads, L, L]; True = attend."""
+  def __call__(self, x_BxLxD, mask=None, deterministic: bool = True, modality: str = 'image',
+               valid_BxL=None):
+    """`mask` is boolean, broadcastable to [B, heads, L, L]; True = attend. `modality` and
+    `valid_BxL` (tokens to route) are for a sparse MLP (moe.moe_apply)."""
     ln = lambda: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     y = ln()(x_BxLxD)
     y = _attention(self.num_heads, self.dtype)(
@@ -131,10 +181,16 @@ class EncoderBlock(nn.Module):
     x_BxLxD = x_BxLxD + y
 
     y = ln()(x_BxLxD)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
-                 dtype=self.dtype, act=self.act)(y, deterministic)
+    stats = {}
+    if self.moe is None:
+      y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout,
+                   dtype=self.dtype, act=self.act)(y, deterministic)
+    else:
+      y, stats = MoeMlp(spec=self.moe, mlp_dim=self.mlp_dim, dtype=self.dtype, act=self.act,
+                        mesh=self.mesh, name='moe')(
+                            y, train=not deterministic, modality=modality, valid_BxL=valid_BxL)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    return x_BxLxD + y
+    return x_BxLxD + y, stats
 
 
 # What the backward pass may keep instead of recomputing (`remat=` of the towers):
@@ -158,13 +214,31 @@ def remat_block(block_cls, remat: bool | str, static_argnums: tuple[int, ...]):
   return nn.remat(block_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[policy])
 
 
+def moe_layers(moe, depth: int) -> tuple[int, ...]:
+  """The sparse layers of an encoder of `depth` blocks (none without `moe`)."""
+  return () if moe is None else moe_lib.MoeSpec.make(moe).layer_ids(depth)
+
+
+def check_scan(moe, depth: int, scan: bool):
+  """nn.scan repeats one block, so its layers must be alike: all dense or all sparse."""
+  sparse = moe_layers(moe, depth)
+  if scan and 0 < len(sparse) < depth:
+    raise ValueError(f'scan=True needs every layer alike, but MoE layers {list(sparse)} of '
+                     f'{depth} are sparse; set moe.every=1 (all sparse) or scan=False.')
+
+
 class Encoder(nn.Module):
-  """A stack of `depth` EncoderBlocks followed by a final LayerNorm.
+  """A stack of `depth` EncoderBlocks followed by a final LayerNorm; with `moe` the blocks
+  at `moe.layer_ids(depth)` have sparse MLPs (same param names, 'moe' for 'MlpBlock_0').
+
+  Returns (x, aux): aux = {'loss': the MoE layers' summed weighted losses (0 when dense),
+  'metrics': {'moe/layer{i}/{modality}/{name}': scalar}}.
 
   With `scan=True` the blocks run as one `nn.scan`: XLA compiles one block instead of
   `depth` copies (compile time; BENCHMARKS.md) and the params are stacked along a leading
   depth axis under 'encoderblock' ('encoderblock_<i>' otherwise; `stack_blocks` /
-  `unstack_blocks` convert between the two layouts).
+  `unstack_blocks` convert between the two layouts). A sparse encoder scans when every
+  layer is sparse (`check_scan`).
   """
   depth: int
   mlp_dim: int | None = None
@@ -175,24 +249,47 @@ class Encoder(nn.Module):
   act: str = 'gelu_tanh'
   ln_eps: float = LN_EPS
   scan: bool = False
+  moe: Any = None  # A moe.MoeSpec (or its dict): sparse MLPs at its layer_ids(depth).
+  mesh: Any = None  # The device mesh, for MoE expert parallelism.
 
   @nn.compact
-  def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True):
-    # `deterministic` (arg 3, counting self) is a Python bool, so it must be static.
-    block_cls = remat_block(EncoderBlock, self.remat, static_argnums=(3,))
+  def __call__(self, x_BxLxD, mask=None, *, deterministic: bool = True,
+               modality: str = 'image', valid_BxL=None):
+    """`modality` and `valid_BxL`: see moe.moe_apply (MoE layers only)."""
+    if modality not in moe_lib.MODALITIES:
+      raise ValueError(f'Unknown modality {modality!r}; valid: {moe_lib.MODALITIES}')
+    check_scan(self.moe, self.depth, self.scan)
+    sparse = moe_layers(self.moe, self.depth)
+    spec = None if self.moe is None else moe_lib.MoeSpec.make(self.moe)
+    # `deterministic` and `modality` (args 3 and 4, counting self) are static.
+    block_cls = remat_block(EncoderBlock, self.remat, static_argnums=(3, 4))
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              dtype=self.dtype, act=self.act, ln_eps=self.ln_eps)
+              dtype=self.dtype, act=self.act, ln_eps=self.ln_eps, mesh=self.mesh)
+    args = (mask, deterministic, modality, valid_BxL)
+    layer_stats = {}
     if self.scan:
-      # A function target closes over `mask` and `deterministic`; only x is carried.
-      blocks = nn.scan(lambda block, x, _: (block(x, mask, deterministic), None),
+      # A function target closes over the other arguments; only x is carried.
+      blocks = nn.scan(lambda block, x, _: block(x, *args),
                        variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True}, length=self.depth)
-      x_BxLxD, _ = blocks(block_cls(**kw, name='encoderblock'), x_BxLxD, None)
+      x_BxLxD, stacked = blocks(block_cls(**kw, moe=spec if sparse else None,
+                                          name='encoderblock'), x_BxLxD, None)
+      if sparse:
+        layer_stats = {i: jax.tree.map(lambda v, i=i: v[i], stacked) for i in sparse}
     else:
       for i in range(self.depth):
-        x_BxLxD = block_cls(**kw, name=f'encoderblock_{i}')(x_BxLxD, mask, deterministic)
-    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE,
-                        name='encoder_norm')(x_BxLxD)
+        x_BxLxD, stats = block_cls(**kw, moe=spec if i in sparse else None,
+                                   name=f'encoderblock_{i}')(x_BxLxD, *args)
+        if stats:
+          layer_stats[i] = stats
+    loss, metrics = jnp.zeros((), jnp.float32), {}
+    for i, stats in layer_stats.items():
+      stats = dict(stats)
+      loss = loss + stats.pop('loss')
+      metrics.update({f'moe/layer{i}/{modality}/{k}': v for k, v in stats.items()})
+    x_BxLxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE,
+                           name='encoder_norm')(x_BxLxD)
+    return x_BxLxD, {'loss': loss, 'metrics': metrics}
 
 
 def stack_blocks(params):

@@ -13,7 +13,7 @@ from mmcl.models import transformer
 from mmcl.models import vit
 
 # Set by TwoTowers itself, so the tower dicts may not carry them.
-_RESERVED = ('num_classes', 'dtype', 'name', 'parent')
+_RESERVED = ('num_classes', 'dtype', 'mesh', 'name', 'parent')
 
 
 def l2_normalize(x_BxD):
@@ -21,6 +21,24 @@ def l2_normalize(x_BxD):
   x_BxD = x_BxD.astype(jnp.float32)
   sq_Bx1 = jnp.sum(jnp.square(x_BxD), axis=-1, keepdims=True)
   return x_BxD * jax.lax.rsqrt(jnp.maximum(sq_Bx1, 1e-12))
+
+
+def check_temperature(temperature_init: float, max_temperature: float | None):
+  if temperature_init <= 0:
+    raise ValueError(f'temperature_init must be > 0, got {temperature_init}.')
+  if max_temperature is not None and max_temperature <= 0:
+    raise ValueError(f'max_temperature must be > 0, got {max_temperature}.')
+
+
+def logit_scale_and_bias(module: nn.Module, out: dict):
+  """Adds `module`'s learned logit scale out['t'] (params 't' = log scale, capped at
+  log(max_temperature)) and, with a `bias_init`, bias out['b'] (SigLIP)."""
+  t = module.param('t', lambda _: jnp.log(jnp.asarray(module.temperature_init, jnp.float32)))
+  if module.max_temperature is not None:
+    t = jnp.minimum(t, math.log(module.max_temperature))
+  out['t'] = jnp.exp(t).astype(jnp.float32)
+  if module.bias_init is not None:
+    out['b'] = module.param('b', lambda _: jnp.asarray(module.bias_init, jnp.float32))
 
 
 class TwoTowers(nn.Module):
@@ -42,15 +60,11 @@ class TwoTowers(nn.Module):
   # CapPa / LocCa; docs/siglip2.md): params under 'dec', its weighted loss in
   # out['aux_loss']. None: no decoder, the same model and parameter tree as without it.
   decoder: Mapping[str, Any] | None = None
+  mesh: Any = None  # The device mesh (setup passes it): MoE towers' expert parallelism.
 
   def __post_init__(self):
     super().__post_init__()
-    if self.temperature_init <= 0:
-      raise ValueError(
-          f'temperature_init must be > 0, got {self.temperature_init}.')
-    if self.max_temperature is not None and self.max_temperature <= 0:
-      raise ValueError(
-          f'max_temperature must be > 0, got {self.max_temperature}.')
+    check_temperature(self.temperature_init, self.max_temperature)
     transformer.canonical_dtype(self.dtype)
     # Build detached towers once so bad variants/fields fail here, not in jit.
     self._tower(vit.ViT, self.image, 'image', parent=None)
@@ -87,7 +101,7 @@ class TwoTowers(nn.Module):
                         'embed_dim, dtype = model dtype).')
     cfg['scan'] = cfg.get('scan') or (self.scan and not cfg.get('moe'))
     cfg['dtype'] = self.dtype
-    return cls(**cfg, num_classes=self.embed_dim, **kw)
+    return cls(**cfg, num_classes=self.embed_dim, mesh=self.mesh, **kw)
 
   @nn.compact
   def __call__(self, image, text, *, train: bool = False, token_mask=None, mask_token=None,
@@ -132,12 +146,5 @@ class TwoTowers(nn.Module):
       out['aux_loss'] = sum(aux_losses)
       out['metrics'] = aux_metrics
 
-    t = self.param('t', lambda _: jnp.log(
-        jnp.asarray(self.temperature_init, jnp.float32)))
-    if self.max_temperature is not None:
-      t = jnp.minimum(t, math.log(self.max_temperature))
-    out['t'] = jnp.exp(t).astype(jnp.float32)
-    if self.bias_init is not None:
-      out['b'] = self.param(
-          'b', lambda _: jnp.asarray(self.bias_init, jnp.float32))
+    logit_scale_and_bias(self, out)
     return zimg_BxD, ztxt_BxD, out

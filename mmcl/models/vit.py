@@ -6,7 +6,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmcl.models import flexi
-from mmcl.models import moe as moe_lib
 from mmcl.models import patch_dropout as patch_dropout_lib
 from mmcl.models import posemb as posemb_lib
 from mmcl.models import transformer
@@ -41,6 +40,41 @@ def resolve_hparams(variant=None, width=None, depth=None, mlp_dim=None,
            patch_size=patch_size))
 
 
+def embed_patches(module: nn.Module, image_BxHxWx3, patch_size: int, width: int, dtype,
+                  apply_patch_size: int | None = None, name: str = 'embedding'):
+  """The patch embedding of `module` (called inside its compact method): [B, h, w, width].
+  `apply_patch_size` (FlexiViT) patchifies at another size with the PI-resized kernel."""
+  if apply_patch_size is None:
+    return nn.Conv(width, (patch_size, patch_size), strides=(patch_size, patch_size),
+                   padding='VALID', dtype=dtype, param_dtype=transformer.PARAM_DTYPE,
+                   name=name)(image_BxHxWx3.astype(dtype))
+  return flexi.FlexiPatchEmbed(width, patch_size, apply_patch_size, dtype=dtype,
+                               name=name)(image_BxHxWx3)
+
+
+def position_embedding(module: nn.Module, hw: tuple[int, int], width: int, grid=None,
+                       method: str = 'bilinear', name: str = 'pos_embedding'):
+  """`module`'s learned position embedding [1, h*w, width] for an (h, w) patch grid.
+
+  Stored at `grid` (g or (h, w)) when given, else at the grid seen at init; another grid
+  at apply gets it resampled (mmcl.models.posemb). A stored grid must be square unless
+  `grid` gives it.
+  """
+  h, w = hw
+  if grid is not None:
+    gh, gw = posemb_lib.as_grid(grid)
+  elif module.has_variable('params', name):  # Apply: the stored grid.
+    n = module.get_variable('params', name).shape[1]
+    gh, gw = (h, w) if n == h * w else posemb_lib.square_grid(n, f'{type(module).__name__} {name}')
+  else:  # Init: this image's grid.
+    gh, gw = h, w
+  pos_1xNxD = module.param(name, nn.initializers.normal(stddev=1 / math.sqrt(width)),
+                           (1, gh * gw, width), transformer.PARAM_DTYPE)
+  if (gh, gw) != (h, w):
+    pos_1xNxD = posemb_lib.resample(pos_1xNxD, (h, w), (gh, gw), method)
+  return pos_1xNxD
+
+
 class ViT(nn.Module):
   """ViT: patchify -> (+pos, [cls]) -> pre-norm encoder -> pool -> head.
 
@@ -67,9 +101,10 @@ class ViT(nn.Module):
   class_token: bool | None = None  # None: only when pool == 'tok'.
   dropout: float = 0.0
   remat: bool | str = False
-  scan: bool = False  # nn.scan over the (dense) encoder's blocks: transformer.Encoder.
+  scan: bool = False  # nn.scan over the encoder's blocks (transformer.Encoder, check_scan).
   dtype: Any = 'float32'
   moe: Any = None  # Sparse V-MoE tower: a moe.MoeSpec dict, e.g. dict(num_experts=8).
+  mesh: Any = None  # The device mesh (from setup): MoE expert parallelism.
   # Opt-in features of OpenAI CLIP / open_clip ViTs (mmcl.convert):
   pre_norm: bool = False  # LayerNorm 'pre_norm' before the encoder (open_clip ln_pre).
   head_bias: bool = True  # False: bias-free projection head (open_clip proj).
@@ -84,12 +119,7 @@ class ViT(nn.Module):
     super().__post_init__()
     hp = self.hparams()  # Fail at construction time, not inside jit.
     transformer.check_act(self.act)
-    if self.moe is not None:
-      moe_lib.MoeSpec.make(self.moe).layer_ids(hp['depth'])
-      if self.act != 'gelu_tanh' or self.ln_eps != transformer.LN_EPS:
-        raise ValueError('ViT act/ln_eps are for dense towers only (moe is set).')
-      if self.scan:
-        raise ValueError('ViT scan=True is for dense towers only (moe is set).')
+    transformer.check_scan(self.moe, hp['depth'], self.scan)
     if self.pool not in POOLS:
       raise ValueError(f'Unknown ViT pool {self.pool!r}; valid: {POOLS}')
     if self.pool == 'tok' and self.class_token is False:
@@ -115,13 +145,7 @@ class ViT(nn.Module):
     p, d = hp['patch_size'], hp['width']
     out = {}
 
-    if self.apply_patch_size is None:
-      x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
-                  param_dtype=transformer.PARAM_DTYPE, name='embedding')(
-                      image_BxHxWx3.astype(dtype))
-    else:  # Same params as the nn.Conv above, used at another patch size.
-      x = flexi.FlexiPatchEmbed(d, p, self.apply_patch_size, dtype=dtype,
-                                name='embedding')(image_BxHxWx3)
+    x = embed_patches(self, image_BxHxWx3, p, d, dtype, self.apply_patch_size)
     b, h, w, _ = x.shape
     x_BxNxD = jnp.reshape(x, (b, h * w, d))
     if token_mask_BxN is not None:
@@ -129,19 +153,7 @@ class ViT(nn.Module):
         raise ValueError('ViT token_mask_BxN needs mask_token_D (the learned mask token).')
       x_BxNxD = jnp.where(token_mask_BxN[:, :, None], mask_token_D[None, None, :].astype(dtype),
                           x_BxNxD)
-
-    if self.posemb_grid is not None:
-      gh, gw = posemb_lib.as_grid(self.posemb_grid)
-    elif self.has_variable('params', 'pos_embedding'):  # Apply: the stored grid.
-      n = self.get_variable('params', 'pos_embedding').shape[1]
-      gh, gw = (h, w) if n == h * w else posemb_lib.square_grid(n, 'ViT pos_embedding')
-    else:  # Init: this image's grid.
-      gh, gw = h, w
-    pos_1xNxD = self.param(
-        'pos_embedding', nn.initializers.normal(stddev=1 / math.sqrt(d)),
-        (1, gh * gw, d), transformer.PARAM_DTYPE)
-    if (gh, gw) != (h, w):
-      pos_1xNxD = posemb_lib.resample(pos_1xNxD, (h, w), (gh, gw), self.posemb_resample)
+    pos_1xNxD = position_embedding(self, (h, w), d, self.posemb_grid, self.posemb_resample)
     x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
     if train and self.patch_dropout > 0:  # FLIP; before the class token, so it always stays.
       x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
@@ -159,18 +171,12 @@ class ViT(nn.Module):
       x_BxNxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype,
                              param_dtype=transformer.PARAM_DTYPE, name='pre_norm')(x_BxNxD)
     x_BxNxD = nn.Dropout(rate=self.dropout)(x_BxNxD, not train)
-    if self.moe is None:
-      x_BxNxD = transformer.Encoder(
-          depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
-          dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
-          ln_eps=self.ln_eps, scan=self.scan,
-          name='Transformer')(x_BxNxD, deterministic=not train)
-    else:  # Same param tree, with 'moe' in place of 'MlpBlock_0' in the MoE layers.
-      x_BxNxD, aux = moe_lib.MoeEncoder(
-          depth=hp['depth'], moe=self.moe, mlp_dim=hp['mlp_dim'],
-          num_heads=hp['num_heads'], dropout=self.dropout, remat=self.remat,
-          dtype=dtype, name='Transformer')(
-              x_BxNxD, deterministic=not train, modality='image')
+    x_BxNxD, aux = transformer.Encoder(
+        depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
+        dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
+        ln_eps=self.ln_eps, scan=self.scan, moe=self.moe, mesh=self.mesh,
+        name='Transformer')(x_BxNxD, deterministic=not train, modality='image')
+    if self.moe is not None:
       out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxNxD
 

@@ -15,20 +15,9 @@ import re
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmcl.tree import path_str
+
 MIN_FSDP_SIZE = 2**14
-
-
-def path_str(path) -> str:
-  """'img/Transformer/encoderblock_0/...' from a jax tree path."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
 
 
 def _fsdp_spec(shape, mesh: Mesh, min_size: int) -> P:

@@ -22,10 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmcl import tree
 from mmcl.models import flops as flops_lib
 from mmcl.parallel import hlo
 from mmcl.parallel import mesh as mesh_lib
-from mmcl.parallel import partition
 from mmcl.parallel import topology
 from mmcl.train import loop, optim
 
@@ -113,7 +113,7 @@ def analytic_min_wire_bytes(config, s: loop.Setup) -> dict:
                                            jax.tree.leaves(trained)):
     if not train:  # No gradient (LiT's locked tower).
       continue
-    float32 = not leaf.shape or _HEAD_RE.search(partition.path_str(path))
+    float32 = not leaf.shape or _HEAD_RE.search(tree.path_str(path))
     full = math.prod(leaf.shape) * (np.dtype(leaf.dtype).itemsize if float32 else compute)
     spec_axes = {a for entry in sharding.spec if entry
                  for a in (entry if isinstance(entry, tuple) else (entry,))}
@@ -154,7 +154,7 @@ def frozen_towers(config, params) -> set:
   towers = {}
   for (path, _), train in zip(jax.tree_util.tree_leaves_with_path(params),
                               jax.tree.leaves(_trained(config, params))):
-    tower = partition.path_str(path).split('/')[0]
+    tower = tree.path_str(path).split('/')[0]
     towers[tower] = towers.get(tower, False) or train
   return {t for t in ('img', 'txt') if towers.get(t) is False}
 
@@ -221,8 +221,7 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
              memory=dict(params_bytes=params_b, opt_bytes=opt_b, batch_bytes=batch_b,
                          capacity_bytes=int(chip.hbm_bytes) if chip else None))
   try:
-    with jax.set_mesh(mesh):  # MoE dispatch finds its 'expert' axis (as in training).
-      compiled, secs = _compile(s.train_step, state, s.batch_shapes)
+    compiled, secs = _compile(s.train_step, state, s.batch_shapes)
   except Exception as e:  # The compiler's refusal is the report, not a traceback.
     if not _OOM_RE.search(str(e)):
       raise
@@ -314,9 +313,7 @@ def _eval_steps(config, s: loop.Setup, hlo_dir, executables: dict) -> dict:
             'embed_texts': (predictor.text_fn, (batch, config.text_len), np.int32)}
   out = {}
   for name, (fn, shape, dtype) in inputs.items():
-    with jax.set_mesh(s.mesh):
-      compiled, secs = _compile(fn, params, jax.ShapeDtypeStruct(shape, dtype,
-                                                                 sharding=sharding))
+    compiled, secs = _compile(fn, params, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
     executables[name] = compiled
     out[name] = dict(batch=batch, peak_bytes=memory(compiled)['peak_bytes'],
                      compile_sec=round(secs, 1))

@@ -152,8 +152,9 @@ def _model_params(params):
   return {k: v for k, v in params.items() if k != KEY}
 
 
-def from_config(config) -> SelfDistill | None:
-  """config.self_distill -> SelfDistill, or None when both weights are 0 (the default)."""
+def from_config(config, mesh=None) -> SelfDistill | None:
+  """config.self_distill -> SelfDistill (its model over `mesh`), or None when both weights
+  are 0 (the default)."""
   cfg = config.get('self_distill') or {}
   local_w, masked_w = float(cfg.get('local_weight', 0.0)), float(cfg.get('masked_weight', 0.0))
   if not (local_w or masked_w):
@@ -179,7 +180,7 @@ def from_config(config) -> SelfDistill | None:
       width=hp['width'], hidden=int(cfg.get('hidden', 2048)),
       bottleneck=int(cfg.get('bottleneck', 256)), prototypes=int(cfg.get('prototypes', 65_536)))
   return SelfDistill(
-      model=models.get_model(config.model), heads=heads, patch_size=hp['patch_size'],
+      model=models.get_model(config.model, mesh), heads=heads, patch_size=hp['patch_size'],
       start_step=int(round(frac * config.total_steps)), local_weight=local_w,
       masked_weight=masked_w, mask_ratio=float(cfg.get('mask_ratio', 0.5)),
       student_temp=float(cfg.get('student_temp', 0.1)),

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from mmcl import checkpoint as checkpoint_lib
-from mmcl import evaluate, fs, losses, models
+from mmcl import evaluate, fs, losses, models, tree
 from mmcl.data import data_state, drops, input_pipeline
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.train import logger as logger_lib
@@ -86,8 +86,12 @@ class Setup:
 
   def sharded_abstract_state(self):
     """The state as ShapeDtypeStructs carrying their shardings: what `lower` takes."""
-    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        self.abstract_state, self.state_sharding)
+    return tree.with_shardings(self.abstract_state, self.state_sharding)
+
+  def compile(self):
+    """The train step compiled from shapes only, for the devices of the mesh (a TPU
+    topology's included): what memory_analysis() / cost_analysis() read."""
+    return self.train_step.lower(self.sharded_abstract_state(), self.batch_shapes).compile()
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
@@ -98,11 +102,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """
   # Everything a bad config can break, before compiling.
   mesh = validate_lib.validate(config, devices)
-  model = models.get_model(config.model)
+  model = models.get_model(config.model, mesh)
   loss_fn = losses.make_loss_fn(config.loss.name, config.loss.impl, mesh,
                                 **{k: v for k, v in config.loss.items()
                                    if k not in ('name', 'impl', 'extras')})
-  distill = distill_lib.from_config(config)  # SigLIP 2 self-distillation, or None.
+  distill = distill_lib.from_config(config, mesh)  # SigLIP 2 self-distillation, or None.
   ema = ema_lib.from_config(config, distill.start_step if distill else 0)
   batch_shapes = _batch_shapes(config, mesh, distill)
   rng = jax.random.key(config.seed)
@@ -122,7 +126,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         contrastive_weight=config.get('contrastive_weight', 1.0))
 
   train_step = jit_step(model)
-  step_for = (variants_lib.StepVariants(config, jit_step, train_step)
+  step_for = (variants_lib.StepVariants(config, jit_step, train_step, mesh)
               if variants_lib.has_variants(config) else None)
   return Setup(mesh, model, tx, batch_shapes, abstract_state, state_sharding, train_step,
                step_for, ema, distill)
@@ -130,9 +134,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
 
 def compile_train_step(config: ml_collections.ConfigDict, devices=None):
   """The compiled train step of `config`, from shapes only (for memory/cost analysis)."""
-  s = setup(config, devices)
-  with jax.set_mesh(s.mesh):
-    return s.train_step.lower(s.sharded_abstract_state(), s.batch_shapes).compile()
+  return setup(config, devices).compile()
 
 
 def _data_shards(config) -> int:
@@ -231,11 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   computes the same parameters as an uninterrupted one. On SIGTERM the current step
   finishes, a checkpoint is written and the function returns (tools/train.py exits 0).
   """
-  s = setup(config)
-  # The ambient mesh lets layers with their own collectives (MoE dispatch over an 'expert'
-  # axis) find it; nothing else depends on it.
-  with jax.set_mesh(s.mesh):
-    return _run(config, workdir, s)
+  return _run(config, workdir, setup(config))
 
 
 def _run(config, workdir: str, s: Setup) -> dict[str, float]:

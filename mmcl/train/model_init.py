@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmcl import tree
 from mmcl.convert import io
 from mmcl.models import posemb
 from mmcl.models import transformer
@@ -32,12 +33,12 @@ def merge(fresh, loaded, dont_load: Sequence[str] = (), source: str = 'model_ini
   `fresh` may be abstract (shapes only) for the leaves that are loaded; `loaded` is converted
   between the per-layer and the scanned (`model.scan`) block layouts as the model needs.
   """
-  want = io.flatten(fresh)
+  want = tree.flatten(fresh)
   if any('/encoderblock/' in k for k in want):
     loaded = transformer.stack_blocks(loaded)
   else:
     loaded = transformer.unstack_blocks(loaded)
-  got = dict(io.flatten(loaded))
+  got = dict(tree.flatten(loaded))
   reasons = []  # Why a position embedding of another size was not resampled.
   for k in sorted(set(got) & set(want)):
     old = tuple(got[k].shape)
@@ -50,20 +51,20 @@ def merge(fresh, loaded, dont_load: Sequence[str] = (), source: str = 'model_ini
         reasons.append(str(e))
   patterns = [re.compile(p) for p in dont_load]
   keep = {k for k in want if any(p.fullmatch(k) for p in patterns)}
-  missing, unused, shapes = io.diff_shapes(
+  missing, unused, shapes = tree.diff_shapes(
       {k: v.shape for k, v in got.items()},
       {k: v.shape for k, v in want.items() if k not in keep})
   if missing or shapes:
     why = f' Why: {" ".join(reasons)}' if reasons else ''
     raise ValueError(
-        f'{source} does not fit the model: missing [{io.name_list(missing)}]; shape '
-        f'mismatches [{io.name_list(shapes)}].{why} Keep such parameters freshly initialised '
+        f'{source} does not fit the model: missing [{tree.name_list(missing)}]; shape '
+        f'mismatches [{tree.name_list(shapes)}].{why} Keep such parameters freshly initialised '
         'with config.model_init_dont_load (regexes over names like "img/head/kernel").')
   unused = [k for k in unused if k not in keep]  # Kept params may also be in the file.
   if unused:
     logging.warning('%s: %d tensor(s) not used by the model: %s', source, len(unused),
                     ', '.join(unused[:20]))
-  return io.unflatten({k: want[k] if k in keep else np.asarray(got[k], want[k].dtype)
+  return tree.unflatten({k: want[k] if k in keep else np.asarray(got[k], want[k].dtype)
                        for k in want})
 
 

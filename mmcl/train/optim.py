@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import optax
 
-from mmcl.parallel.partition import path_str
+from mmcl.tree import path_str
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 TEMPERATURES = ('learned', 'fixed', 'cosine', 'linear')

@@ -75,14 +75,15 @@ def has_variants(config) -> bool:
 class StepVariants:
   """step -> the jitted train step of its variant; `build(model)` jits one per variant."""
 
-  def __init__(self, config, build: Callable, default_step):
+  def __init__(self, config, build: Callable, default_step, mesh=None):
     self._config = config
+    self._mesh = mesh
     self._model_cfg = config.model.to_dict()
     self._build = build
     self._steps = {(): default_step}
 
   def model(self, key: tuple):
-    return models.get_model(image_fields(self._model_cfg, **dict(key)))
+    return models.get_model(image_fields(self._model_cfg, **dict(key)), self._mesh)
 
   def __call__(self, step: int):
     key = variant_key(self._config, step)

@@ -4,8 +4,8 @@ Only the parameters are restored, straight into their training shardings; then e
 evaluator runs once. Results go to `<out_dir>/metrics.jsonl` and TensorBoard (process
 0 only), apart from the training run's own metrics.jsonl so nothing there is rewritten.
 
-It needs the train state's layout, so it imports mmcl.train lazily (mmcl.train imports
-this package); it would sit more naturally in mmcl/train/.
+It lives in mmcl/train because it needs the train state's layout (`loop.setup`); mmcl.evaluate
+knows nothing of training.
 
 `evaluate_steps(..., steps='all')` sweeps every checkpoint of a run with one setup and one
 set of evaluators; `format_steps_table` and `plot_steps` show every metric across them.
@@ -13,7 +13,15 @@ set of evaluators; `format_steps_table` and `plot_steps` show every metric acros
 import posixpath
 import sys
 
-from mmcl import evaluate, fs
+import jax
+import orbax.checkpoint as ocp
+
+from mmcl import checkpoint as checkpoint_lib
+from mmcl import evaluate, fs, tree
+from mmcl.train import ema as ema_lib
+from mmcl.train import loop
+from mmcl.train import metrics as metrics_lib
+from mmcl.train import plots, report
 
 
 def resolve_checkpoint(workdir: str | None, checkpoint: str | None) -> tuple[str, int | None]:
@@ -41,16 +49,11 @@ class RunCheckpoints:
   """
 
   def __init__(self, config, workdir: str):
-    import jax
-    from mmcl import checkpoint as checkpoint_lib
-    from mmcl.train import ema as ema_lib
-    from mmcl.train import loop  # Lazy: mmcl.train imports this package.
     s = loop.setup(config)
     self.model, self.mesh, self._abstract_state = s.model, s.mesh, s.abstract_state
     self._key = ema_lib.eval_key(config)
-    self._target = {self._key: jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        s.abstract_state[self._key], s.state_sharding[self._key])}
+    self._target = {self._key: tree.with_shardings(s.abstract_state[self._key],
+                                                   s.state_sharding[self._key])}
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.ckpt_keep)
     self.steps, self._ckpt = ckpt.all_steps(), ckpt
     ckpt.close()
@@ -66,8 +69,6 @@ class RunCheckpoints:
     return step
 
   def params(self, step: int):
-    import jax
-    import orbax.checkpoint as ocp
     self._ckpt.check_structure(self._abstract_state, step)  # Names what differs.
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
@@ -109,7 +110,6 @@ def evaluate_steps(config, workdir: str, steps=None, *, only=None, out_dir=None)
   else:
     steps = [run.resolve(s) for s in (steps if steps is not None else [None])]
   evaluators = evaluate.build_evaluators(config, evaluate.Predictor(run.model, run.mesh))
-  from mmcl.train import metrics as metrics_lib
   # Never truncates: an old step's results must not drop later rows.
   writer = metrics_lib.MetricWriter(out_dir or fs.join(workdir, 'eval'),
                                     resume_step=sys.maxsize)
@@ -149,7 +149,6 @@ def format_steps_table(results: dict[int, dict[str, float]]) -> str:
 
 def plot_steps(results: dict[int, dict[str, float]], out: str) -> str | None:
   """evals.png of the report's evaluation panels across the steps; None if none applies."""
-  from mmcl.train import plots, report
   rows = [{'step': s, **results[s]} for s in sorted(results)]
   panels = [p for p in report.EVAL_PANELS if plots._series(rows, p)]
   if not panels:
