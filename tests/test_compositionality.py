@@ -4,6 +4,9 @@ import itertools
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,3 +307,51 @@ def test_suite_builds_through_build_evaluators(predictor, sugarcrepe_root, aro_r
   assert built['aro'][0].text_len == c.text_len and set(built['aro'][0].tasks) == set(aro.TASKS)
   with pytest.raises(ValueError, match=r"\['crepe'\].*valid"):
     evals.compositionality_suite(str(tmp_path), tasks=['crepe'])
+
+
+_WORKER = '''
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from local_bench_fixtures import PP, Towers
+from mmcl.data import tokenizers
+from mmcl.evaluate import predict, sugarcrepe, winoground
+from mmcl.parallel import mesh as mesh_lib
+towers = Towers(tokenizers.get_tokenizer('bytes').vocab_size, {text_len})
+pred = predict.Predictor(towers.model, mesh_lib.create_mesh([('data', -1)]))
+kw = dict(pp_img={pp!r}, tokenizer='bytes', text_len={text_len}, batch_size=4)
+m = sugarcrepe.SugarCrepeEvaluator(pred, root=sys.argv[3], categories=['add_att'], **kw).run({{}})
+m.update(winoground.WinogroundEvaluator(pred, root=sys.argv[4], **kw).run({{}}))
+print('METRICS', json.dumps(m))
+'''
+
+
+@pytest.mark.slow  # Two fresh interpreters importing JAX and TF: ~20 s of CPU.
+def test_two_processes_match_one(predictor, winoground_root, tmp_path):
+  """Shares padded per process: one SugarCrepe image for two processes, 16 Winoground ones."""
+  write_image(tmp_path / 'val2017' / 'one.jpg', 5)
+  (tmp_path / 'add_att.json').write_text(json.dumps(
+      {'7': dict(filename='one.jpg', caption='a cat', negative_caption='a hat')}))
+  root, _ = winoground_root
+  want = sugarcrepe.SugarCrepeEvaluator(predictor, root=str(tmp_path), categories=['add_att'],
+                                        **KW).run({})
+  want.update(winoground.WinogroundEvaluator(predictor, root=str(root), **KW).run({}))
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+                 [os.path.dirname(tests_dir), tests_dir, os.environ.get('PYTHONPATH', '')]))
+  code = _WORKER.format(text_len=TEXT_LEN, pp=PP)
+  procs = [subprocess.Popen([sys.executable, '-c', code, f'127.0.0.1:{port}', str(i),
+                             str(tmp_path), str(root)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    got = json.loads(out.split('METRICS ', 1)[1])
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+      assert got[k] == pytest.approx(v, abs=1e-12), k
