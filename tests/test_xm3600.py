@@ -125,6 +125,7 @@ def test_xm3600_defaults_to_36_languages_and_rejects_unknown_ones(sp_model, xm_r
   kw = dict(pp_img=PP, tokenizer=f'sp:{sp_model}', text_len=TEXT_LEN)
   with pytest.raises(ValueError, match=r"\['xx'\]; valid: \['ar', 'bn'"):
     xm3600.XM3600Evaluator(pred, root=str(root), languages=['de', 'xx'], **kw)
+  assert xm3600.XM3600Evaluator(pred, root=str(root), languages='ja', **kw).languages == ('ja',)
   with pytest.raises(ValueError, match="no 'ar' captions"):  # The fixture has 4 languages.
     xm3600.XM3600Evaluator(pred, root=str(root), **kw)
   with pytest.raises(FileNotFoundError, match='captions.jsonl not found'):

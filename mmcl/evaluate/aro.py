@@ -98,6 +98,8 @@ class AroEvaluator(local_files.LocalBenchmark):
                perturbations: Sequence[str] = tuple(PERTURBATIONS), seed: int = 0,
                max_words: int = 30, min_attribute_count: int = 25, **kw):
     super().__init__(predictor, **kw)
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
       raise ValueError(f'Unknown ARO tasks {unknown or list(tasks)}; valid: {list(TASKS)}.')

@@ -25,6 +25,7 @@ class SugarCrepeEvaluator(local_files.LocalBenchmark):
   def __init__(self, predictor: Predictor, *, root: str, image_dir: str | None = None,
                categories: Sequence[str] = CATEGORIES, **kw):
     super().__init__(predictor, **kw)
+    categories = [categories] if isinstance(categories, str) else list(categories)
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown or not categories:
       raise ValueError(f'Unknown SugarCrepe categories {unknown or list(categories)}; valid: '

@@ -34,6 +34,7 @@ class XM3600Evaluator(local_files.LocalBenchmark):
                languages: Sequence[str] | None = None, image_ext: str = 'jpg',
                chunk: int = 1024, **kw):
     super().__init__(predictor, **kw)
+    languages = [languages] if isinstance(languages, str) else languages
     self.languages = tuple(languages or LANGUAGES)
     unknown = [l for l in self.languages if l not in LANGUAGES]
     if unknown:
