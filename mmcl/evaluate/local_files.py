@@ -98,7 +98,7 @@ class LocalBenchmark:
     del data_dir  # These benchmarks are not TFDS datasets: each reads its own `root`.
     self.predictor, self.pp_img, self.batch_size = predictor, pp_img, batch_size
     preprocess.get_preprocess_fn(pp_img)  # A bad pp string fails when the evaluator is built.
-    self.tokenizer, self.tokenizer_name = tokenizers.get_tokenizer(tokenizer), tokenizer
+    self.tokenizer = tokenizers.get_tokenizer(tokenizer)
     self.text_len, self.lowercase, self.strip_punctuation = text_len, lowercase, strip_punctuation
 
   def embed_images(self, params, paths, boxes=None) -> tuple[np.ndarray, np.ndarray]:
