@@ -3,6 +3,8 @@ r"""Standard evaluation suites for `config.evals`, shared by recipes.
   c.evals.update(evals.imagenet_suite())                 # zero-shot ImageNet and variants
   c.evals.update(evals.retrieval_suite())                # COCO (Karpathy test) retrieval
   c.evals.update(evals.probe_suite(['cifar10']))         # few-shot ridge probes
+  c.evals.update(evals.compositionality_suite('/data/compositionality'))  # released files
+  c.evals.update(evals.xm3600('/data/xm3600'))           # 36-language retrieval
 
 Datasets are read from `config.data_dir` (TFDS); see docs/evaluation.md for preparing them.
 `{image_size}` in pp strings is filled from the config when the evaluators are built.
@@ -48,3 +50,29 @@ def probe_suite(datasets=('cifar10', 'cifar100'), shots=(1, 5, 10, 25), seeds: i
   return {f'probe_{d}': dict(type='probe', every=every, dataset=d, shots=tuple(shots),
                              seeds=seeds, batch_size=batch_size, pp_img=pp_img)
           for d in datasets}
+
+
+def compositionality_suite(root: str, tasks=('sugarcrepe', 'aro', 'winoground'), every: int = 0,
+                           batch_size: int = 512, pp_img: str = PP_CLIP, **kw) -> dict:
+  """SugarCrepe, ARO and Winoground from their released files under `root`.
+
+  Layout (docs/evaluation.md): root/sugarcrepe/{<category>.json, val2017/},
+  root/aro/{visual_genome_*.json, images/, coco_karpathy_test.json, val2014/, ...},
+  root/winoground/{examples.jsonl, images/}. `kw` go to every evaluator (e.g. lowercase).
+  """
+  types = ('sugarcrepe', 'aro', 'winoground')
+  unknown = sorted(set(tasks) - set(types))
+  if unknown:
+    raise ValueError(f'Unknown compositionality tasks {unknown}; valid: {list(types)}.')
+  return {t: dict(type=t, every=every, root=f'{root}/{t}', batch_size=batch_size,
+                  pp_img=pp_img, **kw) for t in tasks}
+
+
+def xm3600(root: str, languages=None, every: int = 0, batch_size: int = 512,
+           pp_img: str = PP_CLIP, **kw) -> dict:
+  """Crossmodal-3600 retrieval per language (default all 36) from root/{captions.jsonl,
+  images/}; texts use the config's tokenizer (a multilingual 'sp:/path/model.model')."""
+  from mmcl.evaluate import xm3600 as xm3600_lib  # Lazy: configs import no TF otherwise.
+  return {'xm3600': dict(type='xm3600', every=every, root=root, batch_size=batch_size,
+                         pp_img=pp_img, languages=list(languages or xm3600_lib.LANGUAGES),
+                         **kw)}
