@@ -1,14 +1,14 @@
-"""mmcl/hostmem.py: the huge-page re-exec of the tools."""
+"""tools/hostmem.py: the huge-page re-exec of the tools."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from mmcl import hostmem
+from tools import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = ('import os, sys; from mmcl import hostmem; print("start", os.getpid(), flush=True); '
+PROBE = ('import os, sys; from tools import hostmem; print("start", os.getpid(), flush=True); '
          'hostmem.use_huge_pages(); print("after", os.getpid(), sys.argv[1:], '
          'os.environ.get("GLIBC_TUNABLES"), hostmem.enabled())')
 

@@ -14,7 +14,7 @@ LAYERS = {
     'evaluate': 4, 'convert': 4,
     'losses': 3, 'models': 3,
     'data': 2, 'parallel': 2, 'checkpoint': 2,
-    'fs': 1, 'tree': 1, 'hostmem': 1,
+    'fs': 1, 'tree': 1,
 }
 
 

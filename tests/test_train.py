@@ -69,7 +69,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(shapes_data_dir):
   params = jax.eval_shape(lambda: model.init(rng, np.zeros(shapes['image'].shape, np.float32),
                                              np.zeros(shapes['text'].shape, np.int32)))
   tx = optim.make_optimizer(c, params['params'])
-  _, shardings = step_lib.state_shardings(model, tx, rng, shapes, mesh, [('.*', 'fsdp')])
+  _, shardings = step_lib.state_shardings(params['params'], tx, mesh, [('.*', 'fsdp')])
   # pico's 64x256 MLP kernels exceed the FSDP size threshold and must be split, in the
   # parameters and in Adam's moments alike.
   kernel = 'img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'

@@ -92,7 +92,7 @@ def main(argv):
   row = {'config': f['config'].config_filename, 'dataset': config.input.name,
          **input_examples_per_sec(config, f.batches, f.warmup)}
   if f.step:
-    import bench_step  # This directory's; its flags are defined only when run as a script.
+    from tools import bench_step  # Its flags are defined only when run as a script.
     step = bench_step.bench_step(config, f.steps, warmup=1)
     # Per host: this process's share of the global batch, as fast as the step takes it.
     import jax
@@ -106,7 +106,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from mmcl import hostmem
-  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
+  from tools import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see tools/hostmem.py.
   define_flags()
   app.run(main)

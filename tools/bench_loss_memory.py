@@ -102,6 +102,6 @@ def main(argv=None):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from mmcl import hostmem
-  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
+  from tools import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see tools/hostmem.py.
   main(sys.argv[1:])

@@ -144,8 +144,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from mmcl import hostmem
-  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
+  from tools import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see tools/hostmem.py.
   flags.DEFINE_integer('steps', 5, 'Timed calls of each part (after 2 warm-up calls).')
   flags.DEFINE_bool('layouts', False, 'Time the MLP and attention layouts instead (no torch).')
   app.run(main)

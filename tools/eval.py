@@ -82,6 +82,4 @@ def _steps(flag: list[str] | None, step: int | None):
 
 
 if __name__ == '__main__':
-  from mmcl import hostmem
-  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
   app.run(main)

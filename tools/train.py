@@ -38,6 +38,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from mmcl import hostmem
-  hostmem.use_huge_pages()  # Re-executes once: see mmcl/hostmem.py.
+  from tools import hostmem
+  hostmem.use_huge_pages()  # Re-executes once: see tools/hostmem.py.
   app.run(main)

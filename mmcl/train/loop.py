@@ -113,7 +113,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   params_shape = jax.eval_shape(lambda: step_lib.init_params(model, rng, batch_shapes, distill))
   tx = optim.make_optimizer(config, params_shape)
   abstract_state, state_sharding = step_lib.state_shardings(
-      model, tx, rng, batch_shapes, mesh, config.sharding_rules, ema=ema, distill=distill)
+      params_shape, tx, mesh, config.sharding_rules, ema=ema, distill=distill)
 
   def jit_step(model):
     return step_lib.jit_train_step(

@@ -33,7 +33,11 @@ def init_params(model: nn.Module, rng, batch_shapes, distill=None) -> dict:
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_shapes, *,
                ema=None, distill=None) -> dict:
   """A fresh train state. Meant to run under `jax.jit(out_shardings=...)`."""
-  params = init_params(model, rng, batch_shapes, distill)
+  return state_of(init_params(model, rng, batch_shapes, distill), tx, ema=ema, distill=distill)
+
+
+def state_of(params, tx: optax.GradientTransformation, *, ema=None, distill=None) -> dict:
+  """The fresh train state around `params`: step 0, the optimizer's state, [EMA, ...]."""
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': tx.init(params),
            'skipped': jnp.zeros((2,), jnp.int32)}
   if ema is not None:
@@ -43,10 +47,11 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, batch_sh
   return state
 
 
-def state_shardings(model, tx, rng, batch_shapes, mesh, rules, *, ema=None, distill=None):
-  """(abstract state, its shardings) without allocating anything: eval_shape + rules."""
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, ema=ema, distill=distill),
-                            rng, batch_shapes)
+def state_shardings(params_shape, tx, mesh, rules, *, ema=None, distill=None):
+  """(abstract state, its shardings) from the abstract parameters, without allocating
+  anything (or running the model's init again): eval_shape + rules."""
+  abstract = jax.eval_shape(functools.partial(state_of, tx=tx, ema=ema, distill=distill),
+                            params_shape)
   shardings = partition.tree_shardings(abstract, mesh, rules)
   if ema is not None:  # The EMA is laid out exactly like the parameters it follows.
     shardings['ema'] = shardings['params']

@@ -1,5 +1,8 @@
 """Host memory: transparent huge pages for XLA:CPU's per-run buffers (a re-exec at start-up).
 
+A CPU speed concern of the tools that train or time steps, so it lives with them in tools/,
+outside the library: nothing in mmcl/ restarts its host program.
+
 XLA:CPU takes each run's temporaries from malloc, one block per run (2 GiB for a
 configs/bench_small.py train step). glibc serves a block this large with a fresh mmap and
 unmaps it when the run ends, so every step faults in all its pages again: ~507k page
@@ -9,7 +12,7 @@ glibc >= 2.35 maps such blocks with transparent huge pages when the tunable
 19% faster (BENCHMARKS.md, sections 1 and 7). glibc reads tunables only when
 a process starts, so `use_huge_pages()` re-executes the current command once with it set.
 
-The tools that run models (tools/train.py, eval.py, bench_*.py) call it first thing.
+tools/train.py and the bench_*.py tools call it first thing (`from tools import hostmem`).
 `MMCL_HUGE_PAGES=0` turns it off; it does nothing where it cannot help (not Linux, not
 glibc >= 2.35, transparent huge pages set to `never`) or is already set.
 """
