@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   # How 'csv:' files are read (mmcl/data/csv_files.py); None = open_clip's default: tab
   # separator whatever the extension ('sniff', ',', ...), columns filepath and title,
   # relative image paths from the CSV's directory (root='.': the working directory).
+  # Applies to every 'csv:' source of name and mixture; evaluators take their own csv=dict().
   c.input.csv = ml_collections.ConfigDict({k: config_dict.placeholder(str) for k in (
       'separator', 'img_key', 'caption_key', 'label_key', 'root')})
   c.input.split = 'train'

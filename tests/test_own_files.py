@@ -4,6 +4,7 @@ import io
 import json
 import os
 import tarfile
+import tracemalloc
 
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,12 @@ def test_root_option_resolves_paths_from_the_working_directory(tmp_path, monkeyp
   monkeypatch.chdir(tmp_path)  # open_clip's way: paths as written, from the cwd.
   (got,) = _samples(f'csv:{tmp_path}/lists/x.csv', dict(root='.'))
   assert got['image'] == (tmp_path / 'images' / 'img0.png').read_bytes()
-  (missing,) = _samples(f'csv:{tmp_path}/lists/x.csv')  # Default: the CSV's directory.
+  # Default: the CSV's directory; its first image, found from the cwd instead, says so.
+  with pytest.raises(ValueError, match=r"image 'images/img0.png' of its first row is not in "
+                     r"the CSV's directory .* as open_clip reads paths: set root='.'"):
+    _samples(f'csv:{tmp_path}/lists/x.csv')
+  monkeypatch.chdir(tmp_path / 'lists')
+  (missing,) = _samples(f'csv:{tmp_path}/lists/x.csv')  # Nowhere: dropped (and counted).
   assert missing['image'] == b''
 
 
@@ -148,6 +154,24 @@ def test_index_is_numpy_arrays_of_offsets_and_skips_are_counted(tmp_path, skips)
   assert f'{tmp_path}/x.tsv line 6: label \'three\' is not a class index' in skips.describe()
   rows, _ = sources.file_source(f'csv:{tmp_path}/x.tsv', 0, 1, dict(label_key='label'))
   assert rows.element_spec.dtype.name == 'int64' and rows.element_spec.shape == ()
+
+
+def test_indexing_holds_no_row_lists_and_not_the_text(tmp_path):
+  n = 5000
+  with open(tmp_path / 'big.csv', 'w') as f:
+    f.write('filepath\ttitle\n')
+    for i in range(n):
+      f.write(f'images/{i:08d}.jpg\ta photo of thing number {i}, a caption of some length\n')
+  size = os.path.getsize(tmp_path / 'big.csv')
+  tracemalloc.start()
+  try:
+    arrays = csv_files.index(f'{tmp_path}/big.csv', csv_files.options())[:3]
+    kept, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert sum(a.nbytes for a in arrays) == 24 * n
+  # The whole file's text, or a list of row tuples, would each be about `size` or more.
+  assert kept < 1.2 * 24 * n and peak < 0.5 * size, (kept, peak, size)
 
 
 # ---------------------------------------------------------------- labelled sources
