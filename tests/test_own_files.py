@@ -284,6 +284,18 @@ def test_zeroshot_on_a_labelled_csv_matches_brute_force(mesh, held_out):
   assert 0 < top1 < 1
   # Labels read in the file's order: a shuffled reading would score differently.
   assert top1 != float(np.mean(np.argmax(logits, axis=1) == labels[::-1]))
+  # The same images and labels as webdataset shards (.cls), in the datasets list form.
+  for shard in range(2):
+    with tarfile.open(root / f'test-{shard}.tar', 'w') as tar:
+      for i in range(shard, len(labels), 2):
+        _add(tar, f'{i:04d}.png', (root / 'images' / f'img{i}.png').read_bytes())
+        _add(tar, f'{i:04d}.cls', str(labels[i]).encode())
+  ev = zeroshot.ZeroShotEvaluator(
+      predict.Predictor(model, mesh), pp_img=PP_IMG, prompts=templates, tokenizer='bytes',
+      text_len=TEXT_LEN, batch_size=16, datasets=[dict(
+          dataset=f'wds:{root}/test-*.tar', name='digits_wds',
+          classnames=str(root / 'classes.txt'))])
+  assert ev.run({})['zeroshot/digits_wds/top1'] == pytest.approx(top1, abs=1e-9)
 
 
 def test_zeroshot_label_past_the_classnames_is_an_error(mesh, held_out, tmp_path):
