@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mmcl.data import csv_files, input_pipeline, skipped, sources, tokenizers
+from mmcl.data import csv_files, skipped, sources, tokenizers
 from mmcl.data.shapes import builder as shapes_builder
 from mmcl.evaluate import predict, probe, retrieval, zeroshot
 from mmcl.evaluate import prompts as prompts_lib
@@ -364,4 +364,4 @@ def test_trains_on_a_tab_separated_csv_and_prints_zeroshot_top1(tmp_path, held_o
   final = loop.run(c, str(tmp_path / 'run'))
   table = capsys.readouterr().out.split('Final metrics')[-1]
   assert 0 <= final['zeroshot/test/top1'] <= 1
-  assert f'zeroshot/test/top1' in table and f'{final["zeroshot/test/top1"]:.4f}' in table
+  assert 'zeroshot/test/top1' in table and f'{final["zeroshot/test/top1"]:.4f}' in table

@@ -128,8 +128,8 @@ class ProbeEvaluator:
 
   def run(self, params) -> dict[str, float]:
     data = {k: self._embed(params, ds) for k, ds in self._ds.items()}
-    num_classes = self.num_classes or 1 + max(int(l.max(initial=0)) for _, l in data.values())
     top = max(int(l.max(initial=0)) for _, l in data.values())
+    num_classes = self.num_classes or top + 1
     if top >= num_classes:
       raise ValueError(f'probe/{self.name}: label {top} is past its {num_classes} classes '
                        '(classnames); wrong classnames or label_key?')

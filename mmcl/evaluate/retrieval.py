@@ -62,7 +62,7 @@ class RetrievalEvaluator:
                csv: dict | None = None):
     is_file = sources.is_file_source(dataset)
     base = sources.short_name(dataset) if is_file else dataset.split('/')[0].split(':')[0]
-    protocol = DATASETS.get(base, DEFAULT_PROTOCOL)
+    protocol = DEFAULT_PROTOCOL if is_file else DATASETS.get(base, DEFAULT_PROTOCOL)
     self.predictor = predictor
     self.name = name or base
     self.tokenizer = tokenizers.get_tokenizer(tokenizer)

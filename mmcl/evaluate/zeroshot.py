@@ -128,7 +128,8 @@ class ZeroShotEvaluator:
     dataset = entry.pop('dataset')
     is_file = sources.is_file_source(dataset)
     base = sources.short_name(dataset) if is_file else dataset.split('/')[0].split(':')[0]
-    spec = {**DATASETS.get(base, DEFAULT_PROTOCOL), 'pp_img': pp_img, 'name': base,
+    protocol = DEFAULT_PROTOCOL if is_file else DATASETS.get(base, DEFAULT_PROTOCOL)
+    spec = {**protocol, 'pp_img': pp_img, 'name': base,
             **({'prompts': prompts} if prompts is not None else {}), 'csv': csv,
             **{k: v for k, v in entry.items() if v is not None}}
     builder = None if is_file else input_pipeline.get_builder(dataset, data_dir)
