@@ -17,6 +17,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.name = 'mmcl_shapes'  # TFDS name, or 'wds:/shards/*.tar', 'csv:/data/train.tsv'.
   c.input.mixture = ()  # Or weighted sources ((name, weight), ...), used instead of name.
+  # How 'csv:' files are read (mmcl/data/csv_files.py); None = open_clip's default: tab
+  # separator whatever the extension ('sniff', ',', ...), columns filepath and title,
+  # relative image paths from the CSV's directory (root='.': the working directory).
+  # Applies to every 'csv:' source of name and mixture; evaluators take their own csv=dict().
+  c.input.csv = ml_collections.ConfigDict({k: config_dict.placeholder(str) for k in (
+      'separator', 'img_key', 'caption_key', 'label_key', 'root')})
   c.input.split = 'train'
   c.input.shuffle_buffer = 10_000
   c.input.cache = False

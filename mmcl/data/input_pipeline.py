@@ -73,7 +73,8 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
                 process_index: int = 0, process_count: int = 1,
                 cache: bool = False, shapes: dict | None = None,
                 with_index: bool = False,
-                max_dropped_in_a_row: int | None = None) -> tf.data.Dataset:
+                max_dropped_in_a_row: int | None = None,
+                source_options: dict | None = None) -> tf.data.Dataset:
   """Per-process batches of `batch_size // process_count` preprocessed examples.
 
   `name` is a TFDS name, a file source ('wds:...', 'csv:...', see sources.py), or for
@@ -89,6 +90,7 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
   count what was dropped, the dataset has `drop_counters` (DropCounters), and after
   `max_dropped_in_a_row` records in a row without one kept the stream ends (a training
   stream that drops everything would otherwise spin forever, deaf to signals).
+  `source_options` go to file sources (separator, column names, label: sources.options).
   """
   if batch_size % process_count:
     raise ValueError(f'Batch size {batch_size} does not divide over {process_count} processes.')
@@ -96,7 +98,8 @@ def get_dataset(*, name, split: str, pp: str, batch_size: int, data_dir=None,
   def source(source_name):
     read = None  # File sources index rows (file, offsets) and read them with `read`.
     if sources.is_file_source(source_name):
-      ds, read = sources.file_source(source_name, process_index, process_count)
+      ds, read = sources.file_source(source_name, process_index, process_count,
+                                     source_options)
     else:
       sources.check_name(source_name)
       builder = get_builder(source_name, data_dir)

@@ -1,27 +1,30 @@
 """Data sources beside TFDS: webdataset tar shards and CSV/TSV files of images and captions.
 
-Names (`config.input.name`):
+Names (`config.input.name`, an evaluator's `dataset`):
   'wds:/data/shards-*.tar'   webdataset shards as img2dataset writes them: samples are the
                              tar members sharing a key, `KEY.jpg|jpeg|png|webp` (image),
-                             `KEY.txt` (caption), `KEY.json` (metadata, kept as a string);
-  'csv:/data/train.tsv'      open_clip's format: a header row with `filepath` and `title`
-                             columns (tab-separated for .tsv, comma otherwise); image paths
-                             are relative to the file's directory unless absolute.
+                             `KEY.txt` (caption), `KEY.json` (metadata, kept as a string),
+                             `KEY.cls` (a class index, read when a label is asked for);
+  'csv:/data/train.csv'      open_clip's format: a header row with `filepath` and `title`
+                             columns, tab-separated whatever the extension (open_clip's
+                             `--csv-separator` default); options in csv_files.py.
 Both yield `{'image': encoded bytes, 'captions': [caption]}` (plus `json` for webdataset),
-the fields of `mmcl_shapes`, so the same pp strings apply.
+the fields of `mmcl_shapes`, so the same pp strings apply; with the option `label_key`
+also `{label_key: class index}` (a CSV column; a webdataset's `.cls`, else that key of its
+`.json`), which the zero-shot and probe evaluators read.
 
-Samples are indexed once (tar headers and CSV rows only, no image is read) into rows of
-(file, offsets) and read lazily by `read`, so a process reads only its own share, and a
-training stream shuffles the small rows, not image bytes (the shuffle buffer is most of
-the saved data state). Nothing here is fatal for one bad shard or record: a truncated or
-unreadable tar keeps the samples before the damage, a CSV row that is not UTF-8 or not
-CSV is left out, a file that cannot be read at training time yields empty bytes (dropped
-by `decode`, counted); each is counted and named in the log (`skipped.SKIPPED`).
+Samples are indexed once (tar headers and CSV rows only, no image is read) into numpy
+arrays of (file, offsets), and a dataset of row numbers is read lazily by `read`, so a
+process reads only its own share, and a training stream shuffles row numbers, not image
+bytes (the shuffle buffer is most of the saved data state). Nothing here is fatal for one
+bad shard or record: a truncated or unreadable tar keeps the samples before the damage, a
+CSV row that is not UTF-8 or not CSV is left out, a file that cannot be read at training
+time yields empty bytes (dropped by `decode`, counted); each is counted and named in the
+log (`skipped.SKIPPED`).
 """
-import csv
 import glob
 import io
-import os
+import json
 import posixpath
 import re
 import tarfile
@@ -29,7 +32,7 @@ import tarfile
 import numpy as np
 import tensorflow as tf
 
-from mmcl.data import skipped
+from mmcl.data import csv_files, skipped
 
 PREFIXES = ('wds:', 'csv:')
 _IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -46,20 +49,13 @@ def check_name(name: str):
   if sep and not is_file_source(name) and not re.fullmatch(r'[\d.*]+', rest):
     raise ValueError(
         f'Unknown data source {name!r}: {scheme + ":"!r} is not a source scheme. Valid: '
-        "'csv:/path/train.tsv' (or .csv: image paths and captions), "
+        "'csv:/path/train.csv' (or .tsv: image paths and captions), "
         "'wds:/path/shards-*.tar' (webdataset), or a TFDS name "
         "'dataset[/config][:version]' (e.g. 'mmcl_shapes/tiny').")
 
 
 def _remote(path: str) -> bool:
   return '://' in path
-
-
-def _open(path: str):
-  if _remote(path):
-    from mmcl import fs  # pylint: disable=g-import-not-at-top
-    return fs.open(path, 'rb')
-  return open(path, 'rb')
 
 
 def _files(pattern: str) -> list[str]:
@@ -74,7 +70,7 @@ def _index_tar(path: str) -> dict:
   corrupt shard keeps the members before the damage; an unreadable one gives none."""
   samples, last = {}, None
   try:
-    with _open(path) as f:
+    with csv_files.open_file(path) as f:
       f.seek(0, io.SEEK_END)
       size = f.tell()
       f.seek(0)
@@ -96,43 +92,79 @@ def _index_tar(path: str) -> dict:
   return samples
 
 
-def _webdataset(pattern: str):
-  rows = []
-  for path in _files(pattern):
+def _webdataset(pattern: str, opts: dict):
+  """(rows, read) of webdataset shards; rows are sample numbers into numpy arrays of the
+  shard, key and member byte ranges (image, txt, json, cls)."""
+  shards, rows, keys, ranges = _files(pattern), [], [], []
+  for s, path in enumerate(shards):
     samples = _index_tar(path)
     for key in sorted(samples):
       fields = samples[key]
-      if 'image' not in fields or 'txt' not in fields:
+      if 'image' not in fields or (opts['captions'] and 'txt' not in fields):
         skipped.SKIPPED.skip('incomplete_sample', f'{path} member {key}',
-                             'no image or no caption')
+                             'no image' + (' or no caption' if opts['captions'] else ''))
         continue
-      rows.append((path, key, *fields['image'], *fields['txt'],
-                   *fields.get('json', (0, 0))))
+      rows.append(s)
+      keys.append(key.encode('utf-8', 'surrogateescape'))
+      ranges.append([n for f in ('image', 'txt', 'json', 'cls') for n in fields.get(f, (0, 0))])
   if not rows:
-    raise ValueError(f'{pattern} holds no complete sample (image and caption); '
+    raise ValueError(f'{pattern} holds no complete sample (image'
+                     f'{" and caption" if opts["captions"] else ""}); '
                      f'skipped: {skipped.SKIPPED.describe() or "none"}.')
-  paths, keys, *ranges = zip(*rows)
-  ds = tf.data.Dataset.from_tensor_slices(
-      (list(paths), list(keys), *[np.asarray(r, np.int64) for r in ranges]))
+  # The whole index, as arrays: the per-shard dicts and lists above are freed here.
+  shard_of, keys = np.asarray(rows, np.int32), np.asarray(keys)
+  ranges = np.asarray(ranges, np.int64).reshape(-1, 8)
+  del rows
+  label_key = opts['label_key']
 
-  def read(path, key, *ranges):
-    image, caption, meta = tf.numpy_function(
-        _read_member, [path, key, *ranges], [tf.string] * 3, stateful=False)
-    image.set_shape([])
-    caption.set_shape([])
-    meta.set_shape([])
-    return {'image': image, 'captions': tf.strings.strip(caption)[None], 'json': meta}
+  def read_sample(i):
+    path, key = shards[shard_of[i]], keys[i].decode('utf-8', 'surrogateescape')
+    image, caption, meta, cls = _read_member(path, key, ranges[i])
+    label = -1
+    if label_key is not None and image:
+      label = _label(cls, meta, label_key, f'{path} member {key}')
+      image = image if label >= 0 else b''  # Unlabelled: dropped (and counted) by `decode`.
+    return image, caption, meta, np.int64(label)
 
-  return ds, read
+  def read(i):
+    image, caption, meta, label = tf.numpy_function(
+        read_sample, [i], [tf.string] * 3 + [tf.int64], stateful=False)
+    for t in (image, caption, meta, label):
+      t.set_shape([])
+    sample = {'image': image, 'json': meta}
+    if opts['captions']:
+      sample['captions'] = tf.strings.strip(caption)[None]
+    if label_key is not None:
+      sample[label_key] = label
+    return sample
+
+  return tf.data.Dataset.range(len(shard_of)), read
 
 
-def _read_member(path, key, *ranges) -> tuple[bytes, ...]:
+def _label(cls: bytes, meta: bytes, label_key: str, where: str) -> int:
+  """A sample's class index: its `.cls` member (a decimal integer), else `label_key` of
+  its `.json`; -1 (skipped and counted) if neither holds one."""
+  try:
+    if cls:
+      value = cls.decode().strip()
+    else:
+      value = json.loads(meta).get(label_key) if meta else None
+      if value is None:
+        raise ValueError(f'no .cls member and no {label_key!r} in its .json')
+    if isinstance(value, bool) or not str(value).isdigit():
+      raise ValueError(f'label {value!r} is not a class index (an integer >= 0)')
+    return int(value)
+  except (ValueError, UnicodeDecodeError, AttributeError) as e:
+    skipped.SKIPPED.skip('bad_label', where, e)
+    return -1
+
+
+def _read_member(path, key, ranges) -> tuple[bytes, ...]:
   """The byte ranges (offset, size, offset, size, ...) of one sample; b'' for each if the
   file cannot be read now (moved, truncated since indexing, a remote hiccup)."""
-  path = path.decode()
   try:
     out = []
-    with _open(path) as f:
+    with csv_files.open_file(path) as f:
       for offset, size in zip(ranges[::2], ranges[1::2]):
         f.seek(int(offset))
         data = f.read(int(size)) if size else b''
@@ -141,86 +173,39 @@ def _read_member(path, key, *ranges) -> tuple[bytes, ...]:
         out.append(data)
     return tuple(out)
   except (OSError, tf.errors.OpError) as e:
-    skipped.SKIPPED.skip('unreadable', f'{path} member {key.decode()}', e)
+    skipped.SKIPPED.skip('unreadable', f'{path} member {key}', e)
     return (b'',) * (len(ranges) // 2)
 
 
-def _not_utf8(value: str) -> str | None:
-  """Why `value` (decoded with surrogateescape) is not UTF-8, or None if it is."""
-  try:
-    value.encode('utf-8')
-    return None
-  except UnicodeEncodeError as e:
-    return (f'byte 0x{ord(value[e.start]) - 0xdc00:02x} at character {e.start} is not '
-            'UTF-8')
+def options(given=None) -> dict:
+  """The options of a file source, checked: csv_files.DEFAULTS updated with `given`;
+  webdataset reads `captions` and `label_key` (its `.cls` member, else that key of its
+  `.json`)."""
+  return csv_files.options(given)
 
 
-def _csv(path: str, image_key: str = 'filepath', caption_key: str = 'title'):
-  delimiter = '\t' if path.endswith('.tsv') else ','
-  with _open(path) as f:
-    text = f.read().decode('utf-8', 'surrogateescape')  # A bad byte fails its row only.
-  reader = csv.DictReader(io.StringIO(text, newline=''), delimiter=delimiter)
-  missing = {image_key, caption_key} - set(reader.fieldnames or ())
-  if missing:
-    raise ValueError(f'{path} has no column(s) {sorted(missing)}; columns: '
-                     f'{reader.fieldnames}.')
-  root = posixpath.dirname(path) if _remote(path) else os.path.dirname(os.path.abspath(path))
-  rows = []
-  while True:
-    try:
-      r = next(reader)
-    except StopIteration:
-      break
-    except csv.Error as e:
-      skipped.SKIPPED.skip('bad_row', f'{path} line {reader.line_num}', e)
-      continue
-    where = f'{path} line {reader.line_num}'
-    image, caption = r.get(image_key), r.get(caption_key)
-    if not image or not caption:
-      skipped.SKIPPED.skip('incomplete_row', where, f'no {image_key} or no {caption_key}')
-      continue
-    bad = _not_utf8(image) or _not_utf8(caption)
-    if bad:
-      skipped.SKIPPED.skip('not_utf8', where, bad)
-      continue
-    if not (os.path.isabs(image) or _remote(image)):
-      image = posixpath.join(root, image) if _remote(root) else os.path.join(root, image)
-    rows.append((image, caption, reader.line_num))
-  if not rows:
-    raise ValueError(f'{path} has no usable row; skipped: '
-                     f'{skipped.SKIPPED.describe() or "none"}.')
-  images, captions, lines = zip(*rows)
-  ds = tf.data.Dataset.from_tensor_slices(
-      (list(images), list(captions), np.asarray(lines, np.int64)))
-
-  def read(image, caption, line):
-    data = tf.numpy_function(lambda p, n: _read_file(p, f'{path} line {n}'),
-                             [image, line], tf.string, stateful=False)
-    data.set_shape([])
-    return {'image': data, 'captions': caption[None]}
-
-  return ds, read
+def short_name(name: str) -> str:
+  """A metric name for a file source: 'csv:/data/held_out.csv' -> 'held_out', and
+  'wds:/data/digits/test-*.tar' -> 'digits' (the directory when the file name is a glob)."""
+  path = name.partition(':')[2].rstrip('/')
+  base = posixpath.basename(path)
+  if glob.has_magic(base):
+    base = posixpath.basename(posixpath.dirname(path)) or base
+  return base.split('.')[0] or name
 
 
-def _read_file(path, where: str) -> bytes:
-  path = path.decode()
-  try:
-    with _open(path) as f:
-      return f.read()
-  except (OSError, tf.errors.OpError) as e:
-    skipped.SKIPPED.skip('unreadable', f'{where}: {path}', e)
-    return b''
-
-
-def file_source(name: str, process_index: int, process_count: int):
+def file_source(name: str, process_index: int, process_count: int, opts=None):
   """(rows, read): this process's share of the rows of source `name` (every
-  process_count-th sample), and the tf function that reads a row into its sample."""
+  process_count-th sample), and the tf function that reads a row into its sample.
+  `opts`: the source's options (see `options`)."""
   kind, _, path = name.partition(':')
-  ds, read = _webdataset(path) if kind == 'wds' else _csv(path)
+  opts = options(opts)
+  ds, read = _webdataset(path, opts) if kind == 'wds' else csv_files.source(path, opts)
   return ds.shard(process_count, process_index), read
 
 
-def file_dataset(name: str, process_index: int, process_count: int) -> tf.data.Dataset:
+def file_dataset(name: str, process_index: int, process_count: int,
+                 opts=None) -> tf.data.Dataset:
   """This process's share of the samples of `name`, in order."""
-  rows, read = file_source(name, process_index, process_count)
+  rows, read = file_source(name, process_index, process_count, opts)
   return rows.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

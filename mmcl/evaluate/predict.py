@@ -129,13 +129,16 @@ def flat_features(batch: dict, prefix: str = '') -> dict:
   return out
 
 
-def eval_dataset(name: str, split: str, pp: str, batch_size: int, data_dir=None):
-  """One ordered pass over this process's share of a split, in batches of ~batch_size/P."""
+def eval_dataset(name: str, split: str, pp: str, batch_size: int, data_dir=None,
+                 source_options: dict | None = None):
+  """One ordered pass over this process's share of a split, in batches of ~batch_size/P.
+  A file source ('csv:...', 'wds:...') has no splits: `source_options` set how it is read."""
   from mmcl.data import input_pipeline  # Lazy: tf.data only for evaluators that read data.
   p = jax.process_count()
   return input_pipeline.get_dataset(
       name=name, split=split, pp=pp, batch_size=-(-batch_size // p) * p, data_dir=data_dir,
-      train=False, process_index=jax.process_index(), process_count=p)
+      train=False, process_index=jax.process_index(), process_count=p,
+      source_options=source_options)
 
 
 def embed_dataset(predictor: Predictor, params, ds, batch_size: int, image_key: str = 'image'):

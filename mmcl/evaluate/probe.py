@@ -8,12 +8,19 @@ the shots), and the classifier fit on the k shots with that penalty is scored on
 `test_split` (default: the dataset's evaluation split, e.g. ImageNet's validation).
 Targets are one-hot and the intercept is not penalised (features and targets are centred
 on the training shots). Metrics: `probe/<name>/<k>shot/top1` (mean over seeds), `.../top1_std`.
+
+A split may be a labelled file source instead ('csv:/data/test.csv', 'wds:...', read with
+the `csv` options and `label_key`), and `dataset` itself one (its training images): a file
+has no splits, so its `test_split` must name another file. The class count is that of
+`classnames` (a file, one name a line, or a list) if given, else the largest label + 1.
 """
 from collections.abc import Sequence
 
 import numpy as np
 
+from mmcl.data import sources
 from mmcl.evaluate import predict, zeroshot
+from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate.predict import Predictor, l2_normalize
 
 L2_REGS = tuple(2.0 ** k for k in range(-10, 11, 2))
@@ -72,19 +79,31 @@ class ProbeEvaluator:
                val_split: str | None = None, val_per_class: int = 5,
                shots: Sequence[int] = (1, 5, 10, 25), seeds: int = 3,
                l2_regs: Sequence[float] = L2_REGS, normalize: bool = True, data_dir=None,
-               batch_size: int = 256, name: str | None = None, tokenizer=None, text_len=None):
+               batch_size: int = 256, name: str | None = None, tokenizer=None, text_len=None,
+               csv: dict | None = None, classnames=None):
     del tokenizer, text_len  # Image tower only.
     if not shots or any(int(k) < 1 for k in shots) or seeds < 1 or not l2_regs:
       raise ValueError(f'Probe needs shots >= 1, seeds >= 1 and some l2_regs; got '
                        f'shots={shots}, seeds={seeds}, l2_regs={l2_regs}.')
-    from mmcl.data import input_pipeline  # Lazy: tf.data.
-    features = input_pipeline.get_builder(dataset, data_dir).info.features
-    if label_key not in features or not hasattr(features[label_key], 'num_classes'):
-      raise ValueError(f'{dataset} has no ClassLabel feature {label_key!r}; features: '
-                       f'{sorted(features)}')
-    self.num_classes = features[label_key].num_classes
+    is_file = sources.is_file_source(dataset)
+    if is_file and not sources.is_file_source(test_split or ''):
+      raise ValueError(f'Probe on file source {dataset!r}: a file has no splits, so its '
+                       f'images train the probe; give test_split a file of held-out images '
+                       f"(e.g. 'csv:/data/test.csv'), got test_split={test_split!r}.")
+    if classnames is not None:
+      self.num_classes = len(prompts_lib.classnames(classnames, None, label_key))
+    elif is_file:
+      self.num_classes = None  # The largest label + 1, once the labels are read.
+    else:
+      from mmcl.data import input_pipeline  # Lazy: tf.data.
+      features = input_pipeline.get_builder(dataset, data_dir).info.features
+      if label_key not in features or not hasattr(features[label_key], 'num_classes'):
+        raise ValueError(f'{dataset} has no ClassLabel feature {label_key!r}; features: '
+                         f'{sorted(features)}')
+      self.num_classes = features[label_key].num_classes
     self.predictor, self.batch_size = predictor, batch_size
-    self.name = name or dataset.split('/')[0].split(':')[0]
+    self.name = name or (sources.short_name(dataset) if is_file else
+                         dataset.split('/')[0].split(':')[0])
     self.label_key, self.normalize = label_key, normalize
     self.shots, self.seeds = tuple(int(k) for k in shots), seeds
     self.l2_regs, self.val_per_class = tuple(float(r) for r in l2_regs), val_per_class
@@ -92,7 +111,12 @@ class ProbeEvaluator:
     base = dataset.split('/')[0].split(':')[0]
     test_split = test_split or zeroshot.DATASETS.get(base, {}).get('split', 'test')
     pp = f'{pp_img}|keep("image", "{label_key}")'
-    self._ds = {split_name: predict.eval_dataset(dataset, split, pp, batch_size, data_dir)
+    options = {**(csv or {}), 'label_key': label_key, 'captions': False}
+    def split_dataset(split):  # A split that names a file source reads that file.
+      name = split if sources.is_file_source(split) else dataset
+      return predict.eval_dataset(name, split, pp, batch_size, data_dir,
+                                  options if sources.is_file_source(name) else None)
+    self._ds = {split_name: split_dataset(split)
                 for split_name, split in (('train', train_split), ('test', test_split),
                                           ('val', val_split)) if split}
 
@@ -104,9 +128,14 @@ class ProbeEvaluator:
 
   def run(self, params) -> dict[str, float]:
     data = {k: self._embed(params, ds) for k, ds in self._ds.items()}
+    top = max(int(l.max(initial=0)) for _, l in data.values())
+    num_classes = self.num_classes or top + 1
+    if top >= num_classes:
+      raise ValueError(f'probe/{self.name}: label {top} is past its {num_classes} classes '
+                       '(classnames); wrong classnames or label_key?')
     metrics = {}
     for k in self.shots:
-      accs = [fewshot_accuracy(data['train'], data['test'], self.num_classes, k, seed,
+      accs = [fewshot_accuracy(data['train'], data['test'], num_classes, k, seed,
                                self.l2_regs, data.get('val'), self.val_per_class)[0]
               for seed in range(self.seeds)]
       metrics[f'probe/{self.name}/{k}shot/top1'] = float(np.mean(accs))

@@ -12,7 +12,8 @@ Named data ship with the package (mmcl/evaluate/classnames/*.txt, one entry a li
   prompts 'clip_cifar'    CLIP's 18 CIFAR-10/100 templates; 'clip_pets' its Oxford pets one.
   prompts 'classname'     the bare class name.
   class subset 'imagenet_a' / 'imagenet_r': the 200 ImageNet indices of each benchmark.
-A classnames or prompts spec may also be an explicit list.
+A classnames or prompts spec may also be an explicit list, and classnames a path to a text
+file of your own (one name a line, line i = class index i), as a file source needs.
 """
 from collections.abc import Sequence
 import functools
@@ -62,14 +63,33 @@ def templates(spec: str | Sequence[str]) -> tuple[str, ...]:
   return out
 
 
+def classnames_file(path: str) -> tuple[str, ...]:
+  """The class names of a text file, one a line (blank lines skipped; local or gs://)."""
+  from mmcl import fs  # pylint: disable=g-import-not-at-top
+  names = tuple(line.strip() for line in fs.read_text(path).splitlines() if line.strip())
+  if not names:
+    raise ValueError(f'Class names file {path!r} holds no name (one name a line).')
+  return names
+
+
 def classnames(spec, builder, label_key: str) -> tuple[str, ...]:
+  """Class names from `spec`: a list, a shipped name, 'tfds' (the builder's ClassLabel
+  names; no builder for a file source) or a path to a file with one name a line."""
   if not isinstance(spec, str):
     return tuple(spec)
   if spec in _CLASSNAME_FILES:
     return _lines(_CLASSNAME_FILES[spec])
   if spec != 'tfds':
-    raise ValueError(f'Unknown classnames source {spec!r}; valid: '
-                     f"{['tfds', *_CLASSNAME_FILES]} or a list of names.")
+    from mmcl import fs  # pylint: disable=g-import-not-at-top
+    if fs.exists(spec):
+      return classnames_file(spec)
+    raise ValueError(f'Unknown classnames source {spec!r} (and no such file); valid: '
+                     f"{['tfds', *_CLASSNAME_FILES]}, a list of names, or a path to a file "
+                     'with one name a line.')
+  if builder is None:
+    raise ValueError("classnames='tfds' needs a TFDS dataset; a file source has no class "
+                     'metadata: give classnames (a path to a file with one name a line, '
+                     'line i = label i, or a list of names).')
   features = builder.info.features
   feature = features[label_key] if label_key in features else None
   feature = getattr(feature, 'feature', feature)  # Sequence(ClassLabel) for multi-label sets.

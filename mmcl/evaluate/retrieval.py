@@ -3,11 +3,12 @@
 image->text: an image is a hit at k if any of its captions is among the k best captions;
 text->image: a caption is a hit at k if its image is among the k best images. Scores are
 computed in chunks of rows, so 5k images x 25k captions never sit in memory at once.
+A file source ('csv:...' read with the `csv` options, 'wds:...') has one caption a row.
 """
 import jax
 import numpy as np
 
-from mmcl.data import tokenizers
+from mmcl.data import sources, tokenizers
 from mmcl.evaluate import predict
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate.predict import Predictor
@@ -57,9 +58,11 @@ class RetrievalEvaluator:
   def __init__(self, predictor: Predictor, *, dataset: str, pp_img: str, tokenizer: str,
                text_len: int, split: str | None = None, captions_key: str | None = None,
                data_dir=None, batch_size: int = 256, lowercase: bool = False,
-               strip_punctuation: bool = False, name: str | None = None, chunk: int = 1024):
-    base = dataset.split('/')[0].split(':')[0]
-    protocol = DATASETS.get(base, DEFAULT_PROTOCOL)
+               strip_punctuation: bool = False, name: str | None = None, chunk: int = 1024,
+               csv: dict | None = None):
+    is_file = sources.is_file_source(dataset)
+    base = sources.short_name(dataset) if is_file else dataset.split('/')[0].split(':')[0]
+    protocol = DEFAULT_PROTOCOL if is_file else DATASETS.get(base, DEFAULT_PROTOCOL)
     self.predictor = predictor
     self.name = name or base
     self.tokenizer = tokenizers.get_tokenizer(tokenizer)
@@ -68,7 +71,8 @@ class RetrievalEvaluator:
     self.captions_key = captions_key or protocol['captions_key']
     top = self.captions_key.split('/')[0]  # 'captions/text': a field of a nested feature.
     self._ds = predict.eval_dataset(dataset, split or protocol['split'],
-                                    f'{pp_img}|keep("image", "{top}")', batch_size, data_dir)
+                                    f'{pp_img}|keep("image", "{top}")', batch_size, data_dir,
+                                    csv if is_file else None)
 
   def run(self, params) -> dict[str, float]:
     zimg, features = predict.embed_dataset(self.predictor, params, self._ds, self.batch_size)

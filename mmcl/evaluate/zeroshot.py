@@ -9,14 +9,17 @@ score over their 200-class subset of the 1,000 ImageNet rows.
 
 `datasets` is a list of TFDS names (protocol from `DATASETS`, else `DEFAULT_PROTOCOL`) or of
 dicts overriding fields: dataset, name (metric name), split, pp_img, label_key, classnames,
-prompts, class_subset, multilabel, where, tasks. Metrics: `zeroshot/<name>/top1|top5`; a
+prompts, class_subset, multilabel, where, tasks, csv. A dataset may be a labelled file source
+('csv:/data/test.csv' with a `label_key` column, 'wds:/data/test-*.tar' with `.cls` or a
+`.json` key; see mmcl/data/sources.py), read with the `csv` options, whose class names come
+from `classnames` (a file, one name a line, or a list). Metrics: `zeroshot/<name>/top1|top5`; a
 dataset with several label `tasks` (the synthetic shapes) reports `zeroshot/<name>/<task>/...`.
 """
 from collections.abc import Sequence
 
 import numpy as np
 
-from mmcl.data import input_pipeline, tokenizers
+from mmcl.data import input_pipeline, sources, tokenizers
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate import predict
 from mmcl.evaluate.predict import Predictor, l2_normalize
@@ -41,7 +44,7 @@ DATASETS = {
 }
 DEFAULT_PROTOCOL = dict(split='test', label_key='label', classnames='tfds', prompts='classname')
 _TASK_FIELDS = ('label_key', 'classnames', 'prompts', 'class_subset', 'multilabel', 'where')
-_DATASET_FIELDS = ('dataset', 'name', 'split', 'pp_img', 'tasks') + _TASK_FIELDS
+_DATASET_FIELDS = ('dataset', 'name', 'split', 'pp_img', 'tasks', 'csv') + _TASK_FIELDS
 _CHUNK = 4096  # Image rows scored at once: 4096 x 1000 logits.
 
 
@@ -97,32 +100,39 @@ class ZeroShotEvaluator:
                datasets: Sequence | None = None, dataset: str | None = None,
                split: str | None = None, tasks: dict | None = None, prompts=None,
                lowercase: bool = False, strip_punctuation: bool = False, data_dir=None,
-               batch_size: int = 256, name: str | None = None):
+               batch_size: int = 256, name: str | None = None, csv: dict | None = None,
+               classnames=None, label_key: str | None = None):
     if (datasets is None) == (dataset is None):
       raise ValueError('Zero-shot evaluator needs exactly one of `datasets` (a list) or '
                        f'`dataset` (one name); got datasets={datasets!r}, dataset={dataset!r}.')
+    if datasets is not None and (classnames, label_key) != (None, None):
+      raise ValueError('Zero-shot `classnames` and `label_key` go with an inline `dataset`; '
+                       'with `datasets`, set them in each entry (a dict).')
     if dataset is not None:  # One dataset given inline, the synthetic shapes' form.
-      datasets = [dict(dataset=dataset, split=split, tasks=tasks, name=name)]
+      datasets = [dict(dataset=dataset, split=split, tasks=tasks, name=name,
+                       classnames=classnames, label_key=label_key)]
     self.predictor = predictor
     self.tokenizer, self.tokenizer_name = tokenizers.get_tokenizer(tokenizer), tokenizer
     self.text_len, self.batch_size = text_len, batch_size
     self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
-    self.sources = [self._source(d, pp_img, prompts, data_dir) for d in datasets]
+    self.sources = [self._source(d, pp_img, prompts, data_dir, csv) for d in datasets]
     self.name = self.sources[0]['name']
     self.tasks = self.sources[0]['tasks']
 
-  def _source(self, entry, pp_img, prompts, data_dir) -> dict:
+  def _source(self, entry, pp_img, prompts, data_dir, csv) -> dict:
     entry = {'dataset': entry} if isinstance(entry, str) else dict(entry)
     unknown = set(entry) - set(_DATASET_FIELDS)
     if unknown:
       raise ValueError(f'Unknown zero-shot dataset fields {sorted(unknown)} in {entry}; '
                        f'valid: {list(_DATASET_FIELDS)}.')
     dataset = entry.pop('dataset')
-    base = dataset.split('/')[0].split(':')[0]
-    spec = {**DATASETS.get(base, DEFAULT_PROTOCOL), 'pp_img': pp_img, 'name': base,
-            **({'prompts': prompts} if prompts is not None else {}),
+    is_file = sources.is_file_source(dataset)
+    base = sources.short_name(dataset) if is_file else dataset.split('/')[0].split(':')[0]
+    protocol = DEFAULT_PROTOCOL if is_file else DATASETS.get(base, DEFAULT_PROTOCOL)
+    spec = {**protocol, 'pp_img': pp_img, 'name': base,
+            **({'prompts': prompts} if prompts is not None else {}), 'csv': csv,
             **{k: v for k, v in entry.items() if v is not None}}
-    builder = input_pipeline.get_builder(dataset, data_dir)
+    builder = None if is_file else input_pipeline.get_builder(dataset, data_dir)
     tasks = spec.pop('tasks', None)
     tasks = ({t: dict(v) for t, v in tasks.items()} if tasks else
              {None: {k: spec[k] for k in _TASK_FIELDS if k in spec}})
@@ -142,9 +152,16 @@ class ZeroShotEvaluator:
                          f'{len(t["classnames"])} class names.')
       t['prefix'] = f'zeroshot/{spec["name"]}' + (f'/{task}' if task else '')
       keys |= {t['label_key'], *t.get('where', {})}
+    options = None
+    if is_file:  # One label column (or .cls / .json key), no captions needed.
+      label_keys = sorted({t['label_key'] for t in tasks.values()})
+      if len(label_keys) != 1:
+        raise ValueError(f'{dataset}: a file source reads one label column; its tasks ask '
+                         f'for {label_keys}.')
+      options = {**(spec['csv'] or {}), 'label_key': label_keys[0], 'captions': False}
     keep = ', '.join(f'"{k}"' for k in sorted(keys))
     ds = predict.eval_dataset(dataset, spec['split'], f'{spec["pp_img"]}|keep({keep})',
-                              self.batch_size, data_dir)
+                              self.batch_size, data_dir, options)
     return dict(name=spec['name'], ds=ds, tasks=tasks)
 
   def run(self, params) -> dict[str, float]:
@@ -182,6 +199,9 @@ class ZeroShotEvaluator:
       zimg_NxD, labels = zimg_NxD[has], [s for s, h in zip(labels, has) if h]
     if subset is not None:
       classifier_CxD = classifier_CxD[list(subset)]
+    if not multilabel and len(labels) and labels.max() >= len(classifier_CxD):
+      raise ValueError(f'{t["prefix"]}: label {labels.max()} is past its '
+                       f'{len(classifier_CxD)} class names; wrong classnames or label_key?')
     hits = np.zeros(3, np.int64)
     for s in range(0, len(zimg_NxD), _CHUNK):
       logits = zimg_NxD[s:s + _CHUNK] @ classifier_CxD.T

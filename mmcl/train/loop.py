@@ -158,7 +158,8 @@ def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
       shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
       process_count=shards, cache=config.input.cache, with_index=True,
       shapes={'image': (size, size, 3), 'text': (config.text_len,), **_decoder_shapes(config)},
-      max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000))
+      max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000),
+      source_options=config.input.get('csv'))
 
 
 def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:

@@ -50,6 +50,10 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
                      'config.model.bias_init (SigLIP: -10.0).')
   for name in [n for n, _ in config.input.mixture] or [config.input.name]:
     sources.check_name(name)  # A scheme typo ('cvs:') would reach TFDS's name parser.
+  try:
+    sources.options(config.input.get('csv'))  # A bad separator or an unknown option.
+  except ValueError as e:
+    raise ValueError(f'config.input.csv: {e}') from e
   preprocess.get_preprocess_fn(input_pipeline.format_pp(config.input.pp, config))
   for cfg in config.evals.values():
     if 'pp_img' in cfg:
