@@ -107,3 +107,18 @@ def test_missing_csv_column_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"no column\(s\) \['filepath', 'title'\]"):
     input_pipeline.get_dataset(name=f'csv:{tmp_path}/x.csv', split='train', pp='keep("image")',
                                batch_size=2, train=False)
+
+
+def test_brace_shard_lists_expand_as_webdataset_names_them(tmp_path):
+  from mmcl.data import sources as sources_lib  # pylint: disable=g-import-not-at-top
+  assert sources_lib.expand_braces('d/{00008..00011}.tar') == [
+      'd/00008.tar', 'd/00009.tar', 'd/00010.tar', 'd/00011.tar']
+  assert sources_lib.expand_braces('{a,b}/{1..2}.tar') == ['a/1.tar', 'a/2.tar', 'b/1.tar',
+                                                          'b/2.tar']
+  assert sources_lib.expand_braces('x/{y}.tar') == ['x/{y}.tar']
+  for i in range(12):
+    (tmp_path / f'{i:05d}.tar').write_bytes(b'')
+  got = sources_lib._files(str(tmp_path / '{00002..00004}.tar'))
+  assert [os.path.basename(f) for f in got] == ['00002.tar', '00003.tar', '00004.tar']
+  with pytest.raises(FileNotFoundError, match='No files match'):
+    sources_lib._files(str(tmp_path / '{00020..00021}.tar'))

@@ -58,8 +58,31 @@ def _remote(path: str) -> bool:
   return '://' in path
 
 
+_BRACES = re.compile(r'\{([^{}]*)\}')
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """webdataset's shard lists: '{00000..00009}' (a zero-padded range, as img2dataset names
+  shards) and '{a,b}' alternatives, expanded left to right; globs are left to glob."""
+  m = _BRACES.search(pattern)
+  if m is None:
+    return [pattern]
+  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  lo, sep, hi = body.partition('..')
+  if sep and lo.isdigit() and hi.isdigit():
+    width = len(lo) if lo.startswith('0') else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+  elif ',' in body:
+    parts = body.split(',')
+  else:  # Not a list: literal braces.
+    return [head + '{' + body + '}' + t for t in expand_braces(tail)]
+  return [head + p + t for p in parts for t in expand_braces(tail)]
+
+
 def _files(pattern: str) -> list[str]:
-  files = sorted(tf.io.gfile.glob(pattern) if _remote(pattern) else glob.glob(pattern))
+  glob_fn = tf.io.gfile.glob if _remote(pattern) else glob.glob
+  files = sorted({f for p in expand_braces(pattern) for f in glob_fn(p)})
   if not files:
     raise FileNotFoundError(f'No files match {pattern!r}.')
   return files
