@@ -268,15 +268,23 @@ def _collect_orbax_leftovers():
   finally:
     sys.unraisablehook = hook
     asyncio_logger.setLevel(level)
+  # The late callbacks' errors reach Python as unraisable, or (from tensorstore's threads,
+  # by PyErr_Print) through sys.excepthook: drop them on both paths.
   if not getattr(sys.unraisablehook, 'mmcl_drops_closed_loop', False):
-    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+    sys.unraisablehook = _drop_closed_loop_callbacks(
+        sys.unraisablehook, lambda u: u.exc_value)
+  if not getattr(sys.excepthook, 'mmcl_drops_closed_loop', False):
+    sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook, lambda *exc: exc[1])
 
 
-def _drop_closed_loop_callbacks(hook):
-  def filtered(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
-      hook(unraisable)
+def _closed_loop(e) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
+
+
+def _drop_closed_loop_callbacks(hook, error_of):
+  def filtered(*args):
+    if not _closed_loop(error_of(*args)):
+      hook(*args)
   filtered.mmcl_drops_closed_loop = True
   return filtered
 
