@@ -5,11 +5,21 @@ Float64 references use the `with jax.enable_x64(True):` context in the tests tha
 XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Compiled programs are cached on disk and shared by the tests, the xdist workers and the
+# tools' subprocesses (they inherit the environment): the suite compiles the same small steps
+# many times over (a tools/train.py demo run: 46 s cold, 24 s warm). An entry is keyed by the
+# program, the compile options, the devices and the jax version, so a hit is the executable a
+# compile would give; cost_analysis() and memory_analysis() read the same from it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"mmcl_tests_jax_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS line)
 

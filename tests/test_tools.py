@@ -13,11 +13,11 @@ from mmcl.train import metrics as metrics_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(workdir, data_dir, mesh, steps=30):
+def _command(workdir, data_dir, mesh, steps=12):
   return [sys.executable, os.path.join(ROOT, 'tools', 'train.py'),
           f'--config={os.path.join(ROOT, "configs", "demo.py")}:tiny',
           f'--workdir={workdir}', f'--config.data_dir={data_dir}',
-          f'--config.total_steps={steps}', '--config.ckpt_every=10', '--config.log_every=1',
+          f'--config.total_steps={steps}', '--config.ckpt_every=4', '--config.log_every=1',
           f'--config.mesh={mesh}', '--config.progress_bar=False']
 
 
@@ -50,25 +50,25 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_parameters(
 
   workdir = str(tmp_path / 'w')
   cmd = _command(workdir, shapes_data_dir, mesh)
-  kill_after = random.Random().randint(11, 26)  # Past the step-10 checkpoint.
+  kill_after = random.Random().randint(5, 10)  # Past the step-4 checkpoint.
   proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     steps = _train_steps(workdir)
-    if os.path.isdir(os.path.join(workdir, 'ckpt', '10')) and steps and steps[-1] >= kill_after:
+    if os.path.isdir(os.path.join(workdir, 'ckpt', '4')) and steps and steps[-1] >= kill_after:
       break
     time.sleep(0.05)
   assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert _train_steps(workdir)[-1] < 30
+  assert _train_steps(workdir)[-1] < 12
 
   done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'Resumed from step' in done.stdout + done.stderr
-  assert _train_steps(workdir) == list(range(1, 31))  # Each step exactly once.
+  assert _train_steps(workdir) == list(range(1, 13))  # Each step exactly once.
   assert 'zeroshot/mmcl_shapes/shape/top1' in done.stdout
-  got, want = _final_params(workdir, 30), _final_params(reference, 30)
+  got, want = _final_params(workdir, 12), _final_params(reference, 12)
   for path, g in jax.tree_util.tree_leaves_with_path(got):
     w = jax.tree_util.tree_leaves_with_path(want)
     np.testing.assert_allclose(
