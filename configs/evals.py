@@ -48,3 +48,40 @@ def probe_suite(datasets=('cifar10', 'cifar100'), shots=(1, 5, 10, 25), seeds: i
   return {f'probe_{d}': dict(type='probe', every=every, dataset=d, shots=tuple(shots),
                              seeds=seeds, batch_size=batch_size, pp_img=pp_img)
           for d in datasets}
+
+
+def zeroshot_suite(datasets=None, prompts: str | None = None, every: int = 0,
+                   batch_size: int = 256, pp_img: str = PP_CLIP, lowercase: bool = False,
+                   strip_punctuation: bool = False) -> dict:
+  """CLIP's / DataComp's zero-shot classification suite (mmcl/evaluate/suite.py; default its
+  DataComp datasets) as one evaluator, with `zeroshot/suite/mean` (DataComp's summary).
+
+  Each dataset keeps its own names, templates and metric; prompts='classname' (say) replaces
+  every dataset's templates (a cheap smoke test). docs/evaluation.md lists the protocols.
+  """
+  from mmcl.evaluate import suite  # Lazy: configs stay importable without TensorFlow.
+  return {'zeroshot_suite': dict(
+      type='zeroshot', every=every, datasets=suite.entries(datasets, prompts),
+      summary='suite', batch_size=batch_size, pp_img=pp_img, lowercase=lowercase,
+      strip_punctuation=strip_punctuation)}
+
+
+# Suites `tools/eval.py --evals=NAME` adds to a config that has no eval of that name.
+NAMED_SUITES = {'suite': zeroshot_suite, 'imagenet': imagenet_suite,
+                'retrieval': retrieval_suite}
+
+
+def with_named_suites(config, names):
+  """(config, names of config.evals to run) for `--evals`: a name that is not in config.evals
+  but is in NAMED_SUITES adds that suite (and stands for its evaluators)."""
+  if not names:
+    return config, names
+  config, only = config.copy_and_resolve_references(), []
+  for name in names:
+    if name in config.evals or name not in NAMED_SUITES:
+      only.append(name)  # Unknown names are reported by the caller, with the valid ones.
+      continue
+    added = NAMED_SUITES[name]()
+    config.evals.update(added)
+    only += list(added)
+  return config, only
