@@ -351,6 +351,10 @@ def strict_rank_metrics(zimg, ztxt, image_of_text, prefix):
       out[f'{prefix}/{name}_r{k}'] = sum(r < k for r in ranks) / len(ranks)
     out[f'{prefix}/{name}_mean_rank'] = sum(ranks + 1) / len(ranks)
     out[f'{prefix}/{name}_median_rank'] = float(np.median(ranks + 1))
+  # The evaluator's summaries: DataComp's mean of both R@1, and RSUM / 6.
+  out[f'{prefix}/mean_r1'] = (np.mean(i2t < 1) + np.mean(t2i < 1)) / 2
+  out[f'{prefix}/mean_recall'] = sum(np.mean(r < k) for r in (i2t, t2i)
+                                     for k in (1, 5, 10)) / 6
   return out
 
 
