@@ -3,6 +3,8 @@ r"""Standard evaluation suites for `config.evals`, shared by recipes.
   c.evals.update(evals.imagenet_suite())                 # zero-shot ImageNet and variants
   c.evals.update(evals.retrieval_suite())                # COCO (Karpathy test) retrieval
   c.evals.update(evals.probe_suite(['cifar10']))         # few-shot ridge probes
+  c.evals.update(evals.linear_probe_suite(['cifar10']))  # CLIP's logistic-regression probe
+  c.evals.update(evals.zeroshot_suite())                 # CLIP/DataComp zero-shot suite + mean
 
 Datasets are read from `config.data_dir` (TFDS); see docs/evaluation.md for preparing them.
 `{image_size}` in pp strings is filled from the config when the evaluators are built.
@@ -48,6 +50,13 @@ def probe_suite(datasets=('cifar10', 'cifar100'), shots=(1, 5, 10, 25), seeds: i
   return {f'probe_{d}': dict(type='probe', every=every, dataset=d, shots=tuple(shots),
                              seeds=seeds, batch_size=batch_size, pp_img=pp_img)
           for d in datasets}
+
+
+def linear_probe_suite(datasets=('cifar10', 'cifar100'), every: int = 0,
+                       batch_size: int = 512, pp_img: str = PP_CLIP) -> dict:
+  """The CLIP paper's full-data logistic-regression probes (mmcl/evaluate/linear_probe.py)."""
+  return {f'linear_probe_{d}': dict(type='linear_probe', every=every, dataset=d,
+                                    batch_size=batch_size, pp_img=pp_img) for d in datasets}
 
 
 def zeroshot_suite(datasets=None, prompts: str | None = None, every: int = 0,
