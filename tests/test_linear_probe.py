@@ -72,11 +72,17 @@ def test_evaluator_on_mock_data():
     ev = evaluate.LinearProbeEvaluator(predict.Predictor(model, mesh), pp_img=PP,
                                        dataset='oxford_iiit_pet', batch_size=64)
     m = ev.run({})
+    from configs import demo, evals
+    c = demo.get_config('tiny')
+    c.evals = evals.linear_probe_suite(['oxford_iiit_pet'], batch_size=64)
+    (built, every), = evaluate.build_evaluators(c, ev.predictor).values()
+    assert isinstance(built, evaluate.LinearProbeEvaluator) and every == 0
+    assert built.metric == 'mean_per_class_recall'
     with pytest.raises(ValueError, match=r"train_split 'train' holds the test split "
                        r"'train\[80%:\]'"):
       evaluate.LinearProbeEvaluator(predict.Predictor(model, mesh), dataset='eurosat/rgb',
                                     pp_img=PP)
-  assert seen == [('oxford_iiit_pet', 'train'), ('oxford_iiit_pet', 'test')]
+  assert seen[:2] == [('oxford_iiit_pet', 'train'), ('oxford_iiit_pet', 'test')]
   assert set(m) == {f'probe/oxford_iiit_pet/linear/{k}'
                     for k in ('top1', 'mean_per_class_recall', 'C')}
   assert m['probe/oxford_iiit_pet/linear/top1'] == 1.0

@@ -105,6 +105,26 @@ def test_entries_names_templates_and_tfds_label_counts(tmp_path):
     suite.entries(['cifar10', 'gtsrb'])
 
 
+def test_docs_table_matches_the_suite():
+  """docs/evaluation.md's suite table lists every entry with its dataset, split, classes and
+  metric as the code has them."""
+  with open(os.path.join(ROOT, 'docs', 'evaluation.md')) as f:
+    doc = f.read().split('## The zero-shot suite')[1].split('\n## ')[0]
+  rows = {}
+  for line in doc.splitlines():
+    cells = [c.strip().strip('`') for c in line.strip('|').split('|')]
+    if len(cells) == 8 and cells[0] in suite.SUITE:
+      rows[cells[0]] = cells
+  assert set(rows) == set(suite.SUITE)
+  for name, (_, dataset, split, _, classes, _, templates, metric) in rows.items():
+    e = suite.SUITE[name]
+    assert (dataset, split) == (e['dataset'], e['split']), name
+    assert int(classes) == len(prompts.classnames(e['classnames'], None, e['label_key'])), name
+    assert templates.startswith(f"{e['prompts']}` ({len(prompts.templates(e['prompts']))})")
+    assert metric == {'top1': 'top-1', 'mean_per_class_recall': 'mean per-class recall'}[
+        e['metric']], name
+
+
 def _labels_numpy(name, rows):
   """The labels, VTAB's derived ones written out with explicit thresholds."""
   def one(ex):
