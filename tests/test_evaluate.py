@@ -415,9 +415,9 @@ def test_build_evaluators(mesh, shapes_data_dir):
 def test_build_evaluators_rejects_unknown_type(mesh, shapes_data_dir):
   c = demo.get_config('tiny')
   c.data_dir = shapes_data_dir
-  c.evals.bogus = dict(type='linear_probe', every=0)
+  c.evals.bogus = dict(type='logistic_probe', every=0)
   valid = r"\['captioning', 'geometry', 'linear_probe', 'probe', 'retrieval', 'zeroshot'\]"
-  with pytest.raises(ValueError, match=r"'linear_probe'.*bogus.*" + valid):
+  with pytest.raises(ValueError, match=r"'logistic_probe'.*bogus.*" + valid):
     evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))
 
 
