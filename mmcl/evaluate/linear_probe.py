@@ -42,7 +42,7 @@ def logistic_fit(x_NxD, labels_N, num_classes: int, c: float, max_iter: int = 10
   return res.x[:-num_classes].reshape(d, num_classes), res.x[-num_classes:]
 
 
-def predict(fit, x_NxD) -> np.ndarray:
+def classify(fit, x_NxD) -> np.ndarray:
   w, b = fit
   return np.argmax(np.asarray(x_NxD, np.float64) @ w + b, axis=1)
 
@@ -111,11 +111,15 @@ class LinearProbeEvaluator(probe.ProbeEvaluator):
       order = np.random.default_rng(self.seed).permutation(len(y))
       held, kept = np.split(order, [int(round(self.val_fraction * len(y)))])
       fit_x, fit_y, val_x, val_y = x[kept], y[kept], x[held], y[held]
-    c, _ = search_c(lambda c: score(predict(logistic_fit(fit_x, fit_y, n, c, self.max_iter),
-                                            val_x), val_y, n, self.metric))
+
+    def val_score(c):
+      fit = logistic_fit(fit_x, fit_y, n, c, self.max_iter)
+      return score(classify(fit, val_x), val_y, n, self.metric)
+
+    c, _ = search_c(val_score)
     # The final fit: train + validation (for a held-out share, that is all of train).
     all_x, all_y = np.concatenate([fit_x, val_x]), np.concatenate([fit_y, val_y])
-    pred = predict(logistic_fit(all_x, all_y, n, c, self.max_iter), data['test'][0])
+    pred = classify(logistic_fit(all_x, all_y, n, c, self.max_iter), data['test'][0])
     prefix, test_y = f'probe/{self.name}/linear', data['test'][1]
     metrics = {f'{prefix}/top1': score(pred, test_y, n, 'top1'), f'{prefix}/C': float(c)}
     if self.metric != 'top1':

@@ -15,7 +15,8 @@ is in TFDS, but CLIP_benchmark classifies crops of its boxes, which is not imple
 `VTAB_EXTRA` holds the VTAB tasks CLIP_benchmark has and DataComp does not.
 """
 
-_IN = dict(split='test', classnames='imagenet', prompts='clip80', metric='top1')  # ImageNet-1k's 1,000 rows.
+# The ImageNet variants score against ImageNet-1k's 1,000 rows (-A/-R: their 200 of them).
+_IN = dict(split='test', classnames='imagenet', prompts='clip80', metric='top1')
 _MPCR = 'mean_per_class_recall'
 
 
