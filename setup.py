@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0,<2",
     "absl-py>=2.0,<3",
     "numpy>=2.0,<3",
+    "scipy>=1.13,<2",  # mmcl/evaluate/linear_probe.py (L-BFGS); jax needs it too
     "tensorflow-cpu>=2.20,<2.22",
     "tensorflow-datasets>=4.9.8,<4.10",
     "sentencepiece>=0.2,<0.3",

@@ -5,6 +5,8 @@ r"""Standard evaluation suites for `config.evals`, shared by recipes.
   c.evals.update(evals.probe_suite(['cifar10']))         # few-shot ridge probes
   c.evals.update(evals.compositionality_suite('/data/compositionality'))  # released files
   c.evals.update(evals.xm3600('/data/xm3600'))           # 36-language retrieval
+  c.evals.update(evals.linear_probe_suite(['cifar10']))  # CLIP's logistic-regression probe
+  c.evals.update(evals.zeroshot_suite())                 # CLIP/DataComp zero-shot suite + mean
 
 Datasets are read from `config.data_dir` (TFDS); see docs/evaluation.md for preparing them.
 `{image_size}` in pp strings is filled from the config when the evaluators are built.
@@ -76,3 +78,47 @@ def xm3600(root: str, languages=None, every: int = 0, batch_size: int = 512,
   return {'xm3600': dict(type='xm3600', every=every, root=root, batch_size=batch_size,
                          pp_img=pp_img, languages=list(languages or xm3600_lib.LANGUAGES),
                          **kw)}
+
+
+def linear_probe_suite(datasets=('cifar10', 'cifar100'), every: int = 0,
+                       batch_size: int = 512, pp_img: str = PP_CLIP) -> dict:
+  """The CLIP paper's full-data logistic-regression probes (mmcl/evaluate/linear_probe.py)."""
+  return {f'linear_probe_{d}': dict(type='linear_probe', every=every, dataset=d,
+                                    batch_size=batch_size, pp_img=pp_img) for d in datasets}
+
+
+def zeroshot_suite(datasets=None, prompts: str | None = None, every: int = 0,
+                   batch_size: int = 256, pp_img: str = PP_CLIP, lowercase: bool = False,
+                   strip_punctuation: bool = False) -> dict:
+  """CLIP's / DataComp's zero-shot classification suite (mmcl/evaluate/suite.py; default its
+  DataComp datasets) as one evaluator, with `zeroshot/suite/mean` (DataComp's summary).
+
+  Each dataset keeps its own names, templates and metric; prompts='classname' (say) replaces
+  every dataset's templates (a cheap smoke test). docs/evaluation.md lists the protocols.
+  """
+  from mmcl.evaluate import suite  # Lazy: configs stay importable without TensorFlow.
+  return {'zeroshot_suite': dict(
+      type='zeroshot', every=every, datasets=suite.entries(datasets, prompts),
+      summary='suite', batch_size=batch_size, pp_img=pp_img, lowercase=lowercase,
+      strip_punctuation=strip_punctuation)}
+
+
+# Suites `tools/eval.py --evals=NAME` adds to a config that has no eval of that name.
+NAMED_SUITES = {'suite': zeroshot_suite, 'imagenet': imagenet_suite,
+                'retrieval': retrieval_suite}
+
+
+def with_named_suites(config, names):
+  """(config, names of config.evals to run) for `--evals`: a name that is not in config.evals
+  but is in NAMED_SUITES adds that suite (and stands for its evaluators)."""
+  if not names:
+    return config, names
+  config, only = config.copy_and_resolve_references(), []
+  for name in names:
+    if name in config.evals or name not in NAMED_SUITES:
+      only.append(name)  # Unknown names are reported by the caller, with the valid ones.
+      continue
+    added = NAMED_SUITES[name]()
+    config.evals.update(added)
+    only += list(added)
+  return config, only

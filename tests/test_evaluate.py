@@ -353,6 +353,10 @@ def strict_rank_metrics(zimg, ztxt, image_of_text, prefix):
       out[f'{prefix}/{name}_r{k}'] = sum(r < k for r in ranks) / len(ranks)
     out[f'{prefix}/{name}_mean_rank'] = sum(ranks + 1) / len(ranks)
     out[f'{prefix}/{name}_median_rank'] = float(np.median(ranks + 1))
+  # The evaluator's summaries: DataComp's mean of both R@1, and RSUM / 6.
+  out[f'{prefix}/mean_r1'] = (np.mean(i2t < 1) + np.mean(t2i < 1)) / 2
+  out[f'{prefix}/mean_recall'] = sum(np.mean(r < k) for r in (i2t, t2i)
+                                     for k in (1, 5, 10)) / 6
   return out
 
 
@@ -413,10 +417,11 @@ def test_build_evaluators(mesh, shapes_data_dir):
 def test_build_evaluators_rejects_unknown_type(mesh, shapes_data_dir):
   c = demo.get_config('tiny')
   c.data_dir = shapes_data_dir
-  c.evals.bogus = dict(type='linear_probe', every=0)
+  c.evals.bogus = dict(type='logistic_probe', every=0)
   valid = re.escape(str(sorted(evaluate.EVALUATORS)))  # Other types register themselves.
-  assert {'captioning', 'geometry', 'probe', 'retrieval', 'zeroshot'} <= set(evaluate.EVALUATORS)
-  with pytest.raises(ValueError, match=r"'linear_probe'.*bogus.*" + valid):
+  assert {'captioning', 'geometry', 'linear_probe', 'probe', 'retrieval',
+          'zeroshot'} <= set(evaluate.EVALUATORS)
+  with pytest.raises(ValueError, match=r"'logistic_probe'.*bogus.*" + valid):
     evaluate.build_evaluators(c, predict.Predictor(StubModel(), mesh))
 
 

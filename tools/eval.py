@@ -6,6 +6,8 @@ r"""Evaluates a checkpoint with the config's evaluators and prints a table.
       --config.data_dir=/data/tfds   # a TFDS data_dir holding e.g. imagenet2012
 
   python tools/eval.py --config configs/demo.py --workdir W --steps=all    # every checkpoint
+  python tools/eval.py --config C --workdir W --evals=suite --config.data_dir=/data/tfds
+      # the zero-shot suite (configs/evals.py zeroshot_suite) and its mean
 
 Results also go to `<workdir>/eval/metrics.jsonl` (or --out_dir) and TensorBoard; with
 several steps a metric x step table is printed and `<out_dir>/evals.png` drawn.
@@ -28,7 +30,8 @@ config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.
                                 lock_config=False)
 flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
 flags.DEFINE_string('checkpoint', None, 'A <workdir>/ckpt/<step> directory to evaluate.')
-flags.DEFINE_list('evals', None, 'Names in config.evals to run (default: all).')
+flags.DEFINE_list('evals', None, 'Names in config.evals to run (default: all), or suites of '
+                  "configs/evals.py NAMED_SUITES: 'suite' (zero-shot), 'imagenet', 'retrieval'.")
 flags.DEFINE_string('out_dir', None, 'Where metrics go (default: <workdir>/eval).')
 flags.DEFINE_list('steps', None, "With --workdir: 'all', or steps to evaluate (default: the "
                   'latest).')
@@ -51,7 +54,9 @@ def main(argv):
     steps = _steps(f.steps, step)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  results = checkpoint_eval.evaluate_steps(f.config, workdir, steps, only=f.evals,
+  from configs import evals as evals_lib  # --evals=suite etc. add configs/evals.py suites.
+  config, only = evals_lib.with_named_suites(f.config, f.evals)
+  results = checkpoint_eval.evaluate_steps(config, workdir, steps, only=only,
                                            out_dir=f.out_dir)
   if jax.process_index() != 0:
     return

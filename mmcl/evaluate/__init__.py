@@ -3,13 +3,14 @@
 `config.evals.<name>` = {type, every (steps; 0 = only at the end), **kwargs}. The kwargs
 `tokenizer`, `text_len` and `data_dir` default to the top-level config's; `pp_img` strings
 (also those of zero-shot `datasets` entries) get `{image_size}` etc. filled from it.
-Types: zeroshot, retrieval, probe, geometry (see docs/evaluation.md), captioning
+Types: zeroshot, retrieval, probe, linear_probe, geometry (see docs/evaluation.md), captioning
 (docs/siglip2.md); sugarcrepe, aro, winoground, xm3600 (from their released files).
 """
 from mmcl.data import input_pipeline
 from mmcl.evaluate.captioning import CaptioningEvaluator
 from mmcl.evaluate import pp_ops  # noqa: F401  (registers the eval pp op resize_small)
 from mmcl.evaluate.geometry import GeometryEvaluator
+from mmcl.evaluate.linear_probe import LinearProbeEvaluator
 from mmcl.evaluate.predict import Predictor
 from mmcl.evaluate.probe import ProbeEvaluator
 from mmcl.evaluate.retrieval import RetrievalEvaluator
@@ -17,7 +18,7 @@ from mmcl.evaluate.zeroshot import ZeroShotEvaluator
 
 EVALUATORS = {'zeroshot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator,
               'probe': ProbeEvaluator, 'geometry': GeometryEvaluator,
-              'captioning': CaptioningEvaluator}
+              'captioning': CaptioningEvaluator, 'linear_probe': LinearProbeEvaluator}
 
 # Benchmarks read from their released files in a local directory (docs/evaluation.md).
 from mmcl.evaluate import aro, sugarcrepe, winoground, xm3600  # noqa: E402

@@ -12,6 +12,12 @@ Named data ship with the package (mmcl/evaluate/classnames/*.txt, one entry a li
   prompts 'clip_cifar'    CLIP's 18 CIFAR-10/100 templates; 'clip_pets' its Oxford pets one.
   prompts 'classname'     the bare class name.
   class subset 'imagenet_a' / 'imagenet_r': the 200 ImageNet indices of each benchmark.
+  The zero-shot suite (mmcl/evaluate/suite.py) adds, per dataset, classnames '<file stem>'
+  and prompts 'clip_<key>' (files clip_templates_<key>.txt): CLIP_benchmark's English names
+  and templates (clip_benchmark/datasets/en_classnames.json and
+  en_zeroshot_classification_templates.json, themselves CLIP's data/prompts.md), in TFDS
+  label order; where CLIP_benchmark takes the names from the dataset, they are TFDS's names
+  with '_' -> ' ' (SUN397: its '/a/' prefix dropped and '/' -> ' ').
 A classnames or prompts spec may also be an explicit list, and classnames a path to a text
 file of your own (one name a line, line i = class index i), as a file source needs.
 """
@@ -25,13 +31,24 @@ _PROMPT_FILES = {'clip80': 'clip_templates_80.txt', 'clip7': 'clip_templates_7.t
                  'clip_cifar': 'clip_templates_cifar.txt', 'clip_pets': 'clip_templates_pets.txt'}
 _CLASSNAME_FILES = {'imagenet': 'imagenet.txt', 'cifar10': 'cifar10.txt',
                     'cifar100': 'cifar100.txt', 'oxford_iiit_pet': 'oxford_iiit_pet.txt'}
+_SUITE_PROMPTS = ('caltech101', 'cars', 'clevr_count', 'clevr_distance', 'diabetic_retinopathy',
+                  'dmlab', 'dtd', 'eurosat', 'flowers', 'food101', 'kitti_distance', 'mnist',
+                  'pcam', 'resisc45', 'smallnorb', 'stl10', 'sun397', 'svhn')
+_SUITE_CLASSNAMES = ('caltech101', 'cars196', 'clevr_count', 'clevr_distance',
+                     'diabetic_retinopathy', 'dmlab', 'dtd', 'eurosat', 'food101',
+                     'kitti_distance', 'mnist', 'oxford_flowers102', 'patch_camelyon',
+                     'resisc45', 'smallnorb_azimuth', 'smallnorb_elevation', 'stl10', 'sun397',
+                     'svhn')
+_PROMPT_FILES.update({f'clip_{k}': f'clip_templates_{k}.txt' for k in _SUITE_PROMPTS})
+_CLASSNAME_FILES.update({k: f'{k}.txt' for k in _SUITE_CLASSNAMES})
 _SUBSET_FILES = {'imagenet_a': 'imagenet_a_indices.txt', 'imagenet_r': 'imagenet_r_indices.txt'}
 
 
 @functools.cache
 def _lines(filename: str) -> tuple[str, ...]:
+  # Blank lines inside a file are entries (CLEVR distance's fourth class name is '').
   with open(os.path.join(_DIR, filename), encoding='utf-8') as f:
-    return tuple(line.rstrip('\n') for line in f if line.strip())
+    return tuple(f.read().rstrip('\n').split('\n'))
 
 
 def _shape_sets():

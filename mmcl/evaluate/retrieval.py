@@ -4,6 +4,8 @@ image->text: an image is a hit at k if any of its captions is among the k best c
 text->image: a caption is a hit at k if its image is among the k best images. Scores are
 computed in chunks of rows, so 5k images x 25k captions never sit in memory at once.
 A file source ('csv:...' read with the `csv` options, 'wds:...') has one caption a row.
+Summaries: `mean_r1` (the mean of both R@1, DataComp's retrieval metric) and `mean_recall`
+(the mean of all six R@k, i.e. RSUM / 6).
 """
 import jax
 import numpy as np
@@ -15,7 +17,9 @@ from mmcl.evaluate.predict import Predictor
 
 KS = (1, 5, 10)
 # Per-dataset protocol: the split and the feature holding each image's captions. COCO uses
-# Karpathy's 5k-image test split (25k captions); a Flickr30k builder would use its 1k test.
+# Karpathy's 5k-image test split (25k captions; TFDS's coco_captions splits are Karpathy's).
+# TFDS (4.9) has no Flickr30k builder; one with a `captions` feature and Karpathy's 1k-image
+# `test` split runs under DEFAULT_PROTOCOL.
 DATASETS = {
     'coco_captions': dict(split='test', captions_key='captions/text'),
     'mmcl_shapes': dict(split='test', captions_key='captions'),
@@ -92,4 +96,9 @@ class RetrievalEvaluator:
     zimg, ztxt = predict.host_concat(zimg), predict.host_concat(ztxt)
     image_of_text = predict.host_concat(np.asarray(image_of_text, np.int64) + offset)
     i2t, t2i = retrieval_ranks(zimg, ztxt, image_of_text, self.chunk)
-    return retrieval_metrics(i2t, t2i, f'retrieval/{self.name}')
+    prefix = f'retrieval/{self.name}'
+    m = retrieval_metrics(i2t, t2i, prefix)
+    m[f'{prefix}/mean_r1'] = (m[f'{prefix}/i2t_r1'] + m[f'{prefix}/t2i_r1']) / 2
+    m[f'{prefix}/mean_recall'] = float(np.mean([m[f'{prefix}/{d}_r{k}'] for d in ('i2t', 't2i')
+                                                for k in KS]))
+    return m

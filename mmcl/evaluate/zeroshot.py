@@ -9,11 +9,16 @@ score over their 200-class subset of the 1,000 ImageNet rows.
 
 `datasets` is a list of TFDS names (protocol from `DATASETS`, else `DEFAULT_PROTOCOL`) or of
 dicts overriding fields: dataset, name (metric name), split, pp_img, label_key, classnames,
-prompts, class_subset, multilabel, where, tasks, csv. A dataset may be a labelled file source
-('csv:/data/test.csv' with a `label_key` column, 'wds:/data/test-*.tar' with `.cls` or a
-`.json` key; see mmcl/data/sources.py), read with the `csv` options, whose class names come
-from `classnames` (a file, one name a line, or a list). Metrics: `zeroshot/<name>/top1|top5`; a
-dataset with several label `tasks` (the synthetic shapes) reports `zeroshot/<name>/<task>/...`.
+prompts, class_subset, multilabel, where, tasks, metric, pp_label, csv. A dataset may be a
+labelled file source ('csv:/data/test.csv' with a `label_key` column, 'wds:/data/test-*.tar'
+with `.cls` or a `.json` key; see mmcl/data/sources.py), read with the `csv` options, whose
+class names come from `classnames` (a file, one name a line, or a list). Metrics:
+`zeroshot/<name>/top1|top5`, plus `.../mean_per_class_recall` where a dataset's `metric` is
+that (CLIP's protocol for e.g. pets and flowers); a dataset with several label `tasks` (the
+synthetic shapes) reports `zeroshot/<name>/<task>/...`. `pp_label` is a pp string run after
+`pp_img` that derives the label (e.g. CLEVR's object count, mmcl/evaluate/pp_ops.py). With
+`summary=S` the evaluator also reports `zeroshot/S/mean`, the mean over its datasets of each
+one's `metric` (DataComp's summary of a suite, mmcl/evaluate/suite.py).
 """
 from collections.abc import Sequence
 
@@ -43,8 +48,11 @@ DATASETS = {
                             prompts='clip_pets'),
 }
 DEFAULT_PROTOCOL = dict(split='test', label_key='label', classnames='tfds', prompts='classname')
-_TASK_FIELDS = ('label_key', 'classnames', 'prompts', 'class_subset', 'multilabel', 'where')
-_DATASET_FIELDS = ('dataset', 'name', 'split', 'pp_img', 'tasks', 'csv') + _TASK_FIELDS
+_TASK_FIELDS = ('label_key', 'classnames', 'prompts', 'class_subset', 'multilabel', 'where',
+                'metric')
+_DATASET_FIELDS = ('dataset', 'name', 'split', 'pp_img', 'pp_label', 'tasks',
+                   'csv') + _TASK_FIELDS
+METRICS = ('top1', 'mean_per_class_recall')  # The choices of a task's main `metric`.
 _CHUNK = 4096  # Image rows scored at once: 4096 x 1000 logits.
 
 
@@ -101,7 +109,7 @@ class ZeroShotEvaluator:
                split: str | None = None, tasks: dict | None = None, prompts=None,
                lowercase: bool = False, strip_punctuation: bool = False, data_dir=None,
                batch_size: int = 256, name: str | None = None, csv: dict | None = None,
-               classnames=None, label_key: str | None = None):
+               classnames=None, label_key: str | None = None, summary: str | None = None):
     if (datasets is None) == (dataset is None):
       raise ValueError('Zero-shot evaluator needs exactly one of `datasets` (a list) or '
                        f'`dataset` (one name); got datasets={datasets!r}, dataset={dataset!r}.')
@@ -116,6 +124,7 @@ class ZeroShotEvaluator:
     self.text_len, self.batch_size = text_len, batch_size
     self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
     self.sources = [self._source(d, pp_img, prompts, data_dir, csv) for d in datasets]
+    self.summary = summary
     self.name = self.sources[0]['name']
     self.tasks = self.sources[0]['tasks']
 
@@ -151,6 +160,10 @@ class ZeroShotEvaluator:
         raise ValueError(f'class_subset of {dataset} indexes past its '
                          f'{len(t["classnames"])} class names.')
       t['prefix'] = f'zeroshot/{spec["name"]}' + (f'/{task}' if task else '')
+      t.setdefault('metric', 'top1')
+      if t['metric'] not in METRICS or (t['metric'] != 'top1' and t.get('multilabel')):
+        raise ValueError(f'{t["prefix"]}: metric {t["metric"]!r} is not one of {METRICS} '
+                         '(mean_per_class_recall needs single labels).')
       keys |= {t['label_key'], *t.get('where', {})}
     options = None
     if is_file:  # One label column (or .cls / .json key), no captions needed.
@@ -160,12 +173,14 @@ class ZeroShotEvaluator:
                          f'for {label_keys}.')
       options = {**(spec['csv'] or {}), 'label_key': label_keys[0], 'captions': False}
     keep = ', '.join(f'"{k}"' for k in sorted(keys))
-    ds = predict.eval_dataset(dataset, spec['split'], f'{spec["pp_img"]}|keep({keep})',
-                              self.batch_size, data_dir, options)
+    pp_label = f'|{spec["pp_label"]}' if spec.get('pp_label') else ''
+    ds = predict.eval_dataset(dataset, spec['split'],
+                              f'{spec["pp_img"]}{pp_label}|keep({keep})', self.batch_size,
+                              data_dir, options)
     return dict(name=spec['name'], ds=ds, tasks=tasks)
 
   def run(self, params) -> dict[str, float]:
-    metrics = {}
+    metrics, main = {}, []
     for src in self.sources:
       zimg, features = predict.embed_dataset(self.predictor, params, src['ds'], self.batch_size)
       for task, t in src['tasks'].items():
@@ -177,15 +192,22 @@ class ZeroShotEvaluator:
             self.predictor, params, t['classnames'], t['prompts'], self.tokenizer,
             self.text_len, self.lowercase, self.strip_punctuation))
         counts = predict.host_sum(self._count_hits(zimg, features, t, classifier))
-        if counts[-1] == 0:
+        if counts[2] == 0:
           raise ValueError(f'Zero-shot task {task or src["name"]!r} of {src["name"]!r} '
                            f'selects no image (where={t.get("where")}).')
         metrics[f'{t["prefix"]}/top1'] = float(counts[0] / counts[2])
         metrics[f'{t["prefix"]}/top5'] = float(counts[1] / counts[2])
+        if t['metric'] == 'mean_per_class_recall':
+          metrics[f'{t["prefix"]}/mean_per_class_recall'] = mean_per_class_recall(
+              *counts[3:].reshape(2, -1))
+        main.append(metrics[f'{t["prefix"]}/{t["metric"]}'])
+    if self.summary:
+      metrics[f'zeroshot/{self.summary}/mean'] = float(np.mean(main))
     return metrics
 
   def _count_hits(self, zimg_NxD, features, t, classifier_CxD) -> np.ndarray:
-    """[top-1 hits, top-5 hits, images scored] on this process's share."""
+    """[top-1 hits, top-5 hits, images scored, top-1 hits of each class (C), images of each
+    class (C)] on this process's share (per class: zeros for multi-label tasks)."""
     keep = np.ones(len(zimg_NxD), bool)
     for key, allowed in t.get('where', {}).items():
       keep &= np.isin(np.asarray(features[key]), np.atleast_1d(allowed))
@@ -202,10 +224,22 @@ class ZeroShotEvaluator:
     if not multilabel and len(labels) and labels.max() >= len(classifier_CxD):
       raise ValueError(f'{t["prefix"]}: label {labels.max()} is past its '
                        f'{len(classifier_CxD)} class names; wrong classnames or label_key?')
-    hits = np.zeros(3, np.int64)
+    num_classes = len(classifier_CxD)
+    hits, per_class = np.zeros(3, np.int64), np.zeros((2, num_classes), np.int64)
     for s in range(0, len(zimg_NxD), _CHUNK):
       logits = zimg_NxD[s:s + _CHUNK] @ classifier_CxD.T
       lab = labels[s:s + _CHUNK]
-      hits += [topk_hits(logits, lab, 1, multilabel).sum(),
-               topk_hits(logits, lab, 5, multilabel).sum(), len(logits)]
-    return hits
+      top1 = topk_hits(logits, lab, 1, multilabel)
+      hits += [top1.sum(), topk_hits(logits, lab, 5, multilabel).sum(), len(logits)]
+      if not multilabel:
+        per_class += [np.bincount(lab[top1], minlength=num_classes)[:num_classes],
+                      np.bincount(lab, minlength=num_classes)[:num_classes]]
+    return np.concatenate([hits, per_class.ravel()])
+
+
+def mean_per_class_recall(hits_C, counts_C) -> float:
+  """Mean over the classes that have images of (top-1 hits / images) (sklearn's
+  balanced_accuracy_score, CLIP's metric for e.g. pets and flowers)."""
+  hits_C, counts_C = np.asarray(hits_C), np.asarray(counts_C)
+  has = counts_C > 0
+  return float(np.mean(hits_C[has] / counts_C[has]))
