@@ -158,7 +158,7 @@ def _register():
 
     def _op(data):
       data = dict(data)
-      seed = preprocess._next_seed(data, 'decoder_tasks')  # pylint: disable=protected-access
+      seed = preprocess.next_seed(data, 'decoder_tasks')
       s_task, s_obj = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
       task = tf.random.stateless_categorical(logits, 1, s_task, dtype=tf.int32)[0, 0]
       caption = ids(feature(data, caption_key))

@@ -8,7 +8,6 @@ Types: zeroshot, retrieval, probe, linear_probe, geometry (see docs/evaluation.m
 """
 from mmcl.data import input_pipeline
 from mmcl.evaluate.captioning import CaptioningEvaluator
-from mmcl.evaluate import pp_ops  # noqa: F401  (registers the eval pp op resize_small)
 from mmcl.evaluate.geometry import GeometryEvaluator
 from mmcl.evaluate.linear_probe import LinearProbeEvaluator
 from mmcl.evaluate.predict import Predictor

@@ -16,7 +16,7 @@ class names come from `classnames` (a file, one name a line, or a list). Metrics
 `zeroshot/<name>/top1|top5`, plus `.../mean_per_class_recall` where a dataset's `metric` is
 that (CLIP's protocol for e.g. pets and flowers); a dataset with several label `tasks` (the
 synthetic shapes) reports `zeroshot/<name>/<task>/...`. `pp_label` is a pp string run after
-`pp_img` that derives the label (e.g. CLEVR's object count, mmcl/evaluate/pp_ops.py). With
+`pp_img` that derives the label (e.g. CLEVR's object count, mmcl/data/pp_keys.py). With
 `summary=S` the evaluator also reports `zeroshot/S/mean`, the mean over its datasets of each
 one's `metric` (DataComp's summary of a suite, mmcl/evaluate/suite.py).
 """

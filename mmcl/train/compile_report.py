@@ -187,8 +187,16 @@ def dcn_wire_bytes(config, s: loop.Setup, minimum: dict) -> float:
 
 
 def _compile(fn, *args):
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  # Off the persistent compilation cache: an executable compiled for a topology's devices
+  # (no TPU client here) is written to it but cannot be read back ("PjRtCompiler must be
+  # constructed with a Client"), so an entry would only cost its write.
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cached)
   return compiled, time.perf_counter() - start
 
 
