@@ -43,7 +43,7 @@ class DecoderBlock(nn.Module):
     ln = lambda name: nn.LayerNorm(epsilon=transformer.LN_EPS, dtype=self.dtype,
                                    param_dtype=transformer.PARAM_DTYPE, name=name)
     drop = lambda y: nn.Dropout(rate=self.dropout)(y, deterministic)
-    attn = lambda name: transformer._attention(self.num_heads, self.dtype, name)  # pylint: disable=protected-access
+    attn = lambda name: transformer.attention(self.num_heads, self.dtype, name)
     y = ln('LayerNorm_self')(x_BxLxD)
     x_BxLxD = x_BxLxD + drop(attn('SelfAttn')(y, y, mask=mask, deterministic=deterministic))
     y = ln('LayerNorm_cross')(x_BxLxD)

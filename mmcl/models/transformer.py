@@ -80,7 +80,8 @@ def heads_first_attention(query, key, value, bias=None, mask=None, broadcast_dro
   return jnp.swapaxes(out, -3, -2)
 
 
-def _attention(num_heads: int, dtype: Dtype, name: str | None = None):
+def attention(num_heads: int, dtype: Dtype, name: str | None = None):
+  """The towers' multi-head attention: float32 params, float32 softmax, heads-first layout."""
   # Softmax in float32 keeps bf16 attention close to the fp32 reference.
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads,
@@ -175,7 +176,7 @@ class EncoderBlock(nn.Module):
     `valid_BxL` (tokens to route) are for a sparse MLP (moe.moe_apply)."""
     ln = lambda: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE)
     y = ln()(x_BxLxD)
-    y = _attention(self.num_heads, self.dtype)(
+    y = attention(self.num_heads, self.dtype)(
         y, y, mask=mask, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x_BxLxD = x_BxLxD + y
@@ -330,7 +331,7 @@ class MAPHead(nn.Module):
     b, _, d = x_BxLxD.shape
     probe_1x1xD = self.param('probe', _KERNEL_INIT, (1, 1, d), PARAM_DTYPE)
     probe_Bx1xD = jnp.tile(probe_1x1xD, (b, 1, 1)).astype(self.dtype)
-    x_Bx1xD = _attention(self.num_heads, self.dtype)(
+    x_Bx1xD = attention(self.num_heads, self.dtype)(
         probe_Bx1xD, x_BxLxD, deterministic=True)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE)(x_Bx1xD)
     x_Bx1xD = x_Bx1xD + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
