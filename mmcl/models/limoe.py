@@ -82,13 +82,10 @@ class LIMoE(nn.Module):
     hp = self.hparams()
     dtype = transformer.canonical_dtype(self.dtype)
     d = hp['width']
-    pdt = transformer.PARAM_DTYPE
     encoder = transformer.Encoder(
         depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
         dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act, ln_eps=self.ln_eps,
         scan=self.scan, moe=moe_lib.MoeSpec.make(self.moe), mesh=self.mesh, name='Transformer')
-    head = lambda name: nn.Dense(self.embed_dim, dtype=transformer.HEAD_DTYPE, param_dtype=pdt,
-                                 precision=transformer.HEAD_PRECISION, name=name)
     out = {'aux_loss': jnp.zeros((), jnp.float32), 'metrics': {}}
 
     def add_aux(aux):
@@ -112,7 +109,7 @@ class LIMoE(nn.Module):
       else:
         x_BxD = transformer.MAPHead(mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
                                     dtype=dtype, name='img_map')(x_BxNxD)
-      zimg_BxD = two_towers.l2_normalize(head('img_head')(x_BxD))
+      zimg_BxD = two_towers.l2_normalize(transformer.head(self.embed_dim, name='img_head')(x_BxD))
 
     if text is not None:
       _, l = text.shape
@@ -132,7 +129,7 @@ class LIMoE(nn.Module):
                                     dtype=dtype, name='txt_map')(x_BxLxD)
       else:  # Before, 'argmax' fell through to 'map' here.
         x_BxD = text_lib.pool_tokens(x_BxLxD, text, pool)
-      ztxt_BxD = two_towers.l2_normalize(head('txt_head')(x_BxD))
+      ztxt_BxD = two_towers.l2_normalize(transformer.head(self.embed_dim, name='txt_head')(x_BxD))
 
     two_towers.logit_scale_and_bias(self, out)
     return zimg_BxD, ztxt_BxD, out

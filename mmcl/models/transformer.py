@@ -93,6 +93,12 @@ def attention(num_heads: int, dtype: Dtype, name: str | None = None):
       name=name)
 
 
+def head(dim: int, use_bias: bool = True, name: str = 'head') -> nn.Dense:
+  """The projection into the contrastive space: float32 at HEAD_PRECISION (see above)."""
+  return nn.Dense(dim, use_bias=use_bias, dtype=HEAD_DTYPE, precision=HEAD_PRECISION,
+                  param_dtype=PARAM_DTYPE, name=name)
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> dropout -> Dense, back to the input width."""
   mlp_dim: int | None = None  # Defaults to 4x the input width.

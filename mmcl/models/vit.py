@@ -192,8 +192,6 @@ class ViT(nn.Module):
     out['pre_logits'] = x_BxD
 
     if self.num_classes is not None:
-      x_BxD = nn.Dense(self.num_classes, use_bias=self.head_bias,
-                       dtype=transformer.HEAD_DTYPE, precision=transformer.HEAD_PRECISION,
-                       param_dtype=transformer.PARAM_DTYPE, name='head')(x_BxD)
+      x_BxD = transformer.head(self.num_classes, self.head_bias)(x_BxD)
       out['logits'] = x_BxD
     return x_BxD, out
