@@ -2,6 +2,7 @@ r"""Standard evaluation suites for `config.evals`, shared by recipes.
 
   c.evals.update(evals.imagenet_suite())                 # zero-shot ImageNet and variants
   c.evals.update(evals.retrieval_suite())                # COCO (Karpathy test) retrieval
+  c.evals.update(evals.flickr30k_retrieval('/data/flickr30k'))  # Karpathy test, released files
   c.evals.update(evals.probe_suite(['cifar10']))         # few-shot ridge probes
   c.evals.update(evals.compositionality_suite('/data/compositionality'))  # released files
   c.evals.update(evals.xm3600('/data/xm3600'))           # 36-language retrieval
@@ -45,6 +46,16 @@ def retrieval_suite(dataset: str = 'coco_captions', every: int = 0, batch_size: 
                                     batch_size=batch_size, pp_img=pp_img),
           f'geometry_{name}': dict(type='geometry', every=every, dataset=dataset,
                                    batch_size=batch_size, pp_img=pp_img)}
+
+
+def flickr30k_retrieval(root: str, split: str = 'test', every: int = 0, batch_size: int = 512,
+                        pp_img: str = PP_CLIP) -> dict:
+  """Flickr30k retrieval on Karpathy's split (the CLIP paper's: 1,000 test images) from the
+  released files: root/dataset_flickr30k.json and root/flickr30k-images/ (TFDS has none)."""
+  return {'retrieval_flickr30k': dict(
+      type='karpathy_retrieval', every=every, annotations=f'{root}/dataset_flickr30k.json',
+      image_dir=f'{root}/flickr30k-images', split=split, name='flickr30k',
+      batch_size=batch_size, pp_img=pp_img)}
 
 
 def probe_suite(datasets=('cifar10', 'cifar100'), shots=(1, 5, 10, 25), seeds: int = 3,

@@ -4,7 +4,8 @@
 `tokenizer`, `text_len` and `data_dir` default to the top-level config's; `pp_img` strings
 (also those of zero-shot `datasets` entries) get `{image_size}` etc. filled from it.
 Types: zeroshot, retrieval, probe, linear_probe, geometry (see docs/evaluation.md), captioning
-(docs/siglip2.md); sugarcrepe, aro, winoground, xm3600 (from their released files).
+(docs/siglip2.md); sugarcrepe, aro, winoground, xm3600, karpathy_retrieval (from their
+released files).
 """
 from mmcl.data import input_pipeline
 from mmcl.evaluate.captioning import CaptioningEvaluator
@@ -20,9 +21,10 @@ EVALUATORS = {'zeroshot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator,
               'captioning': CaptioningEvaluator, 'linear_probe': LinearProbeEvaluator}
 
 # Benchmarks read from their released files in a local directory (docs/evaluation.md).
-from mmcl.evaluate import aro, sugarcrepe, winoground, xm3600  # noqa: E402
+from mmcl.evaluate import aro, karpathy, sugarcrepe, winoground, xm3600  # noqa: E402
 EVALUATORS.update(sugarcrepe=sugarcrepe.SugarCrepeEvaluator, aro=aro.AroEvaluator,
-                  winoground=winoground.WinogroundEvaluator, xm3600=xm3600.XM3600Evaluator)
+                  winoground=winoground.WinogroundEvaluator, xm3600=xm3600.XM3600Evaluator,
+                  karpathy_retrieval=karpathy.KarpathyRetrievalEvaluator)
 
 
 def check_types(evals_config):

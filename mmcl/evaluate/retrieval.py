@@ -56,6 +56,15 @@ def retrieval_metrics(i2t_ranks, t2i_ranks, prefix: str) -> dict[str, float]:
   return metrics
 
 
+def summarized(m: dict[str, float], prefix: str) -> dict[str, float]:
+  """`m` with `mean_r1` (both R@1) and `mean_recall` (all six R@k, RSUM / 6) added."""
+  m = dict(m)
+  m[f'{prefix}/mean_r1'] = (m[f'{prefix}/i2t_r1'] + m[f'{prefix}/t2i_r1']) / 2
+  m[f'{prefix}/mean_recall'] = float(np.mean([m[f'{prefix}/{d}_r{k}'] for d in ('i2t', 't2i')
+                                              for k in KS]))
+  return m
+
+
 class RetrievalEvaluator:
   """Image<->text retrieval on one captioned dataset (all captions of every image)."""
 
@@ -97,8 +106,4 @@ class RetrievalEvaluator:
     image_of_text = predict.host_concat(np.asarray(image_of_text, np.int64) + offset)
     i2t, t2i = retrieval_ranks(zimg, ztxt, image_of_text, self.chunk)
     prefix = f'retrieval/{self.name}'
-    m = retrieval_metrics(i2t, t2i, prefix)
-    m[f'{prefix}/mean_r1'] = (m[f'{prefix}/i2t_r1'] + m[f'{prefix}/t2i_r1']) / 2
-    m[f'{prefix}/mean_recall'] = float(np.mean([m[f'{prefix}/{d}_r{k}'] for d in ('i2t', 't2i')
-                                                for k in KS]))
-    return m
+    return summarized(retrieval_metrics(i2t, t2i, prefix), prefix)
