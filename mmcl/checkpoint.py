@@ -134,8 +134,10 @@ class Checkpointer:
       cause = root_cause(e)
     if cause is not None:  # Outside the except block: the failed reads can be freed now.
       _collect_orbax_leftovers()
+      # `from None`: a late orbax callback's 'Event loop is closed' may be the exception in
+      # flight here, and the message already names the root cause.
       raise CheckpointError(
-          f'The checkpoint at step {step} in {self.directory} cannot be read: {cause}')
+          f'The checkpoint at step {step} in {self.directory} cannot be read: {cause}') from None
     bad = nonfinite_names(state)
     if bad:
       raise CheckpointError(f'The checkpoint at step {step} in {self.directory} holds '
