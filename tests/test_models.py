@@ -310,19 +310,19 @@ def test_sparse_tower_is_the_dense_block_with_a_moe_mlp():
   kw = dict(moe=dict(num_experts=2, every=1, group_size=4, importance_weight=1.0),
             act='quick_gelu', ln_eps=1e-5, style='clip')
   plain, scanned = _text_model(**kw), _text_model(scan=True, **kw)
-  params = plain.init(KEY, _text())['params']
+  params = jax.jit(plain.init)(KEY, _text())['params']
   blocks = params['Transformer']
   assert set(blocks['encoderblock_0']) == {'LayerNorm_0', 'LayerNorm_1', 'moe',
                                            'MultiHeadDotProductAttention_0'}
-  z0, out0 = plain.apply({'params': params}, _text())
-  z1, out1 = scanned.apply({'params': transformer.stack_blocks(params)}, _text())
+  z0, out0 = jax.jit(plain.apply)({'params': params}, _text())
+  z1, out1 = jax.jit(scanned.apply)({'params': transformer.stack_blocks(params)}, _text())
   np.testing.assert_allclose(z1, z0, atol=1e-5)
   np.testing.assert_allclose(out1['aux_loss'], out0['aux_loss'], rtol=1e-5)
   assert sorted(out1['metrics']) == sorted(out0['metrics'])
   assert 'moe/layer1/text/importance_loss' in out0['metrics']
   # The options reach the sparse blocks: another activation or epsilon, other embeddings.
   for other in (dict(kw, act='gelu'), dict(kw, ln_eps=1e-1)):
-    z, _ = _text_model(**other).apply({'params': params}, _text())
+    z, _ = jax.jit(_text_model(**other).apply)({'params': params}, _text())
     assert not np.allclose(z, z0, atol=1e-4), other
 
 
@@ -377,10 +377,11 @@ def test_heads_first_attention_equals_flax(dtype, fp32_softmax, broadcast_dropou
               broadcast_dropout=broadcast_dropout, dtype=dtype,
               force_fp32_for_softmax=fp32_softmax)
 
-  def run(fn):
-    f = lambda q, key, value: fn(q, key, value, **args).astype(jnp.float32).sum()
-    out = fn(q, kv[0], kv[1], **args)
-    return out, jax.grad(f, argnums=(0, 1, 2))(q, kv[0], kv[1])
+  def run(fn):  # Under one jit: eagerly, each of the few hundred ops compiled on its own.
+    apply = lambda q, key, value: fn(q, key, value, **args)
+    loss = lambda *a: apply(*a).astype(jnp.float32).sum()
+    return jax.jit(lambda *a: (apply(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))(
+        q, kv[0], kv[1])
 
   (out, grads), (want, want_grads) = run(transformer.heads_first_attention), run(
       nn.dot_product_attention)
