@@ -10,9 +10,9 @@ tower's shape with half its layers (6 of 12, our reading of sec. 2.2), cross-att
 un-pooled image tokens and is trained on captioning, referring expressions and grounded
 captioning (tasks sampled per example) with weight 1 beside the sigmoid loss. Fully sharded
 (FSDP) over 16 chips within the data-parallel mesh, full remat, 8 GradCache micro-batches
-(below). Not yet compiled with tools/compile.py (the shared machine was busy): run the
-command below before spending a pod. The EMA teacher,
-self-distillation and masked prediction of the last 20% of training are issue 16 part B.
+(below). Compiled for v5e:16x16 by tools/compile.py on 2026-12-02: 6.15 of 16 GiB per chip
+(62% spare; BENCHMARKS.md section 5). The EMA teacher, self-distillation and masked
+prediction of the last 20% of training are `configs/siglip2_demo.py:distill`'s options.
 
 Point config.tokenizer at the Gemma SentencePiece model ('sp:/path/tokenizer.model') and
 config.input.name at an image-text dataset with `objects/bbox` and `objects/caption` (region

@@ -194,3 +194,15 @@ def test_parser_reads_mesh_replica_groups_with_device_ids():
   assert c.group == (0, 2, 4, 6) and c.group_size == 4
   (c,) = hlo.collectives(line.replace(", device_ids=([4,2]T(1,0))", ''))
   assert c.group == (0, 1, 2, 3)
+
+
+def test_bounds_under_gradcache_do_not_trust_a_loop_body_counted_once():
+  chip = topology.CHIPS['v5e']
+  flops = dict(xla_per_chip=1e12, model_per_chip=6e12, hbm_bytes_accessed=4e10)
+  plain = compile_report.step_bounds(flops, wire=2e9, dcn=0.0, chip=chip)
+  assert plain['compute'] == pytest.approx(1e3 * 1e12 / chip.peak_flops, abs=0.01)
+  assert plain['hbm'] == pytest.approx(1e3 * 4e10 / chip.hbm_bw, abs=0.01)
+  accum = compile_report.step_bounds(flops, wire=2e9, dcn=0.0, chip=chip, accum=8)
+  assert accum['compute'] == pytest.approx(1e3 * 6e12 / chip.peak_flops, abs=0.01)
+  assert accum['hbm'] == pytest.approx(8 * plain['hbm'], abs=0.1)
+  assert accum['ici'] == plain['ici'] == pytest.approx(1e3 * 2e9 / chip.ici_bw, abs=0.01)
