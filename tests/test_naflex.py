@@ -1,0 +1,134 @@
+"""NaFlex end to end (docs/resolution.md): the pp op, the ViT's patch-dict mode, zero-shot at
+several budgets, and a tiny demo run. The blocks (mask, pooling, per-image position
+embedding) are tested in test_resolution.py."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mmcl.data import pp_naflex
+from mmcl.data import preprocess
+from mmcl.models import naflex
+from mmcl.models import vit
+from mmcl.parallel import mesh as mesh_lib
+
+# Image sizes (H, W) of several aspect ratios, patch size, budget.
+_CASES = [((64, 64), 8, 64), ((64, 64), 8, 32), ((100, 30), 16, 64), ((30, 100), 16, 64),
+          ((480, 640), 16, 256), ((1, 500), 4, 10), ((33, 65), 8, 20), ((17, 23), 4, 7)]
+
+
+def _brute_grid(hw, p, budget):
+  """The grid of the largest scale s with ceil(H s/p) ceil(W s/p) <= budget, by a scan over
+  s on a fine grid (exact fractions, no float ceil error)."""
+  from fractions import Fraction
+  best, (h, w) = None, hw
+  for num in range(1, 4000):
+    s = Fraction(num, 64)
+    g = (max(1, math.ceil(h * s / p)), max(1, math.ceil(w * s / p)))
+    if g[0] * g[1] <= budget:
+      best = g
+  return best
+
+
+def _patchify(image, p, budget):
+  fn = preprocess.get_preprocess_fn(f'patchify_naflex({p}, {budget})')
+  return {k: v.numpy() for k, v in fn({'image': tf.constant(image)}).items()}
+
+
+def test_keys_agree_with_the_model():
+  assert pp_naflex.KEYS == naflex.KEYS
+
+
+@pytest.mark.parametrize('hw,p,budget', _CASES)
+def test_grid_is_the_largest_that_fits_and_keeps_the_aspect_ratio(hw, p, budget):
+  h, w = pp_naflex.grid_for(tf.constant(hw), p, budget).numpy()
+  assert (h, w) == _brute_grid(hw, p, budget)
+  assert h * w <= budget
+  # Aspect ratio within one patch: one scale s puts H s / p in (h - 1, h] and W s / p in
+  # (w - 1, w] (a side of one patch may be any smaller size).
+  lo = max((h - 1) * p / hw[0], (w - 1) * p / hw[1])
+  hi = min(h * p / hw[0] if h > 1 else math.inf, w * p / hw[1] if w > 1 else math.inf)
+  assert lo < hi
+
+
+def test_patches_reassemble_to_the_resized_image_and_padding_is_masked():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  p, budget = 4, 40
+  out = _patchify(image, p, budget)
+  h, w = out['patch_grid']
+  assert (h, w) == _brute_grid((37, 53), p, budget) and h * w <= budget
+  assert out['image'].shape == (budget, p * p * 3) and out['image'].dtype == np.float32
+  n = h * w
+  np.testing.assert_array_equal(out['patch_mask'], np.arange(budget) < n)
+  assert (out['patch_rows'][n:] == -1).all() and (out['patch_cols'][n:] == -1).all()
+  assert (out['image'][n:] == 0).all()
+  canvas = np.full((h * p, w * p, 3), np.nan, np.float32)
+  for t in range(n):
+    r, c = out['patch_rows'][t], out['patch_cols'][t]
+    canvas[r * p:(r + 1) * p, c * p:(c + 1) * p] = out['image'][t].reshape(p, p, 3)
+  want = tf.image.resize(image, (h * p, w * p), antialias=True).numpy()
+  np.testing.assert_allclose(canvas, want, atol=1e-4)  # Every pixel placed once (no NaN).
+  # Row-major token order, as the conv's output is flattened.
+  np.testing.assert_array_equal(out['patch_rows'][:n] * w + out['patch_cols'][:n],
+                                np.arange(n))
+
+
+def test_bad_arguments_name_the_problem():
+  with pytest.raises(ValueError, match='budget must be a positive int'):
+    preprocess.get_preprocess_fn('patchify_naflex(8, 0)')
+  with pytest.raises(ValueError, match='method must be one of'):
+    preprocess.get_preprocess_fn('patchify_naflex(8, 16, method="cubic")')
+
+
+_VIT = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, num_classes=8,
+            posemb_grid=4)
+
+
+def _sharded(tree):
+  mesh = mesh_lib.create_mesh((('data', -1),))
+  return jax.device_put(tree, mesh_lib.batch_sharding(mesh))
+
+
+@pytest.mark.parametrize('pool', ['gap', 'map', 'tok'])
+def test_naflex_mode_equals_the_plain_vit_on_each_resized_image(pool):
+  """8 images of 4 aspect ratios, padded to one budget and sharded over 8 devices: each
+  image's embedding equals the plain ViT (float64) on that image resized to its grid, with
+  the same parameters; the square 16 x 16 image at grid 4 x 4 is the plain ViT unresized."""
+  rng = np.random.default_rng(0)
+  sizes = [(16, 16), (12, 24), (30, 10), (8, 8)] * 2
+  p, budget = 4, 20
+  images = [rng.uniform(-1, 1, (*hw, 3)).astype(np.float32) for hw in sizes]
+  items = [_patchify(im, p, budget) for im in images]
+  batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
+  assert tuple(batch['patch_grid'][0]) == (4, 4)  # 16 tokens + 4 padding.
+  model = vit.ViT(**_VIT, pool=pool)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  got = jax.jit(lambda prm, x: model.apply({'params': prm}, x)[0])(params, _sharded(batch))
+  with jax.enable_x64(True):
+    model64 = vit.ViT(**_VIT, pool=pool, dtype='float64')
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    for i, it in enumerate(items):
+      h, w = it['patch_grid']
+      resized = tf.image.resize(images[i], (h * p, w * p), antialias=True).numpy()
+      if sizes[i] == (16, 16):
+        np.testing.assert_array_equal(resized, images[i])
+      want = model64.apply({'params': p64}, resized[None].astype(np.float64))[0][0]
+      np.testing.assert_allclose(got[i], want, atol=2e-5)
+
+
+def test_naflex_mode_refuses_what_it_cannot_do():
+  batch = _patchify(np.zeros((16, 16, 3), np.float32), 4, 16)
+  batch = {k: v[None] for k, v in batch.items()}
+  model = vit.ViT(**_VIT)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  with pytest.raises(ValueError, match='patch_size'):
+    vit.ViT(**{**_VIT, 'patch_size': 2}).apply({'params': params}, batch)
+  with pytest.raises(ValueError, match='lacks'):
+    model.apply({'params': params}, {'image': batch['image']})
+  with pytest.raises(ValueError, match='patch_dropout'):
+    vit.ViT(**_VIT, patch_dropout=0.5).apply({'params': params}, batch, train=True,
+                                             rngs={'dropout': jax.random.key(1)})
