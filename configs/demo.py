@@ -7,18 +7,21 @@ held-out colour+shape combinations, plus retrieval on the test split:
   python tools/train.py --config configs/demo.py:siglip --workdir /tmp/mmcl_demo_siglip
   python tools/train.py --config configs/demo.py --workdir /tmp/w --config.total_steps=30
   python tools/train.py --config configs/demo.py:siglip,distill --workdir /tmp/mmcl_distill
+  python tools/train.py --config configs/demo.py:naflex --workdir /tmp/mmcl_naflex
 
 The argument is a comma-separated list of options: 'clip' (default) or 'siglip' picks the
 loss; 'tiny' shrinks the models and data to a smoke test that runs in seconds (tests);
 'distill' adds SigLIP 2's self-distillation and masked prediction with an EMA teacher for
-the last 20% of training (docs/siglip2.md).
+the last 20% of training (docs/siglip2.md); 'naflex' trains on NaFlex patches (each image
+at its own aspect ratio, up to 16 tokens; tiny: 64) and reports zero-shot at several token
+budgets, zeroshot/mmcl_shapes/budget<L>/... (docs/resolution.md).
 """
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
-OPTIONS = ('clip', 'siglip', 'tiny', 'distill')
+OPTIONS = ('clip', 'siglip', 'tiny', 'distill', 'naflex')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -93,8 +96,22 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.evals.geometry = dict(type='geometry', every=0, dataset=dataset,
                           split='test' if tiny else 'test[:1024]', pp_img=pp_img,
                           batch_size=256)
+  if {'distill', 'naflex'} <= options:
+    raise ValueError('The demo options naflex and distill do not combine (NaFlex has no '
+                     'fixed-size views to distill).')
   if 'distill' in options:
     add_self_distill(c, tiny)
+  if 'naflex' in options:
+    add_naflex(c, tiny)
+  return c
+
+
+def add_naflex(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
+  """NaFlex: train at the full 64 px grid's token count (nano/16: 4 x 4; tiny's pico/8: 8 x 8)
+  and evaluate zero-shot at it and at fewer tokens (the same images resized down)."""
+  p = 8 if tiny else 16
+  c.naflex.budget = (64 // p)**2
+  c.evals.zeroshot.naflex = dict(patch_size=p, budgets=(16, 64) if tiny else (4, 9, 16))
   return c
 
 
