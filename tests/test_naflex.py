@@ -93,23 +93,24 @@ def _sharded(tree):
   return jax.device_put(tree, mesh_lib.batch_sharding(mesh))
 
 
-@pytest.mark.parametrize('pool', ['gap', 'map', 'tok'])
-def test_naflex_mode_equals_the_plain_vit_on_each_resized_image(pool):
-  """8 images of 4 aspect ratios, padded to one budget and sharded over 8 devices: each
+@pytest.mark.parametrize('pool,cls', [('gap', False), ('map', True)])
+def test_naflex_mode_equals_the_plain_vit_on_each_resized_image(pool, cls):
+  """8 images of 3 aspect ratios, padded to one budget and sharded over 8 devices: each
   image's embedding equals the plain ViT (float64) on that image resized to its grid, with
-  the same parameters; the square 16 x 16 image at grid 4 x 4 is the plain ViT unresized."""
+  the same parameters; the square 16 x 16 image at grid 4 x 4 is the plain ViT unresized.
+  MAP with a class token: the probe skips the padding, the class token is always valid."""
   rng = np.random.default_rng(0)
-  sizes = [(16, 16), (12, 24), (30, 10), (8, 8)] * 2
+  sizes = [(16, 16), (12, 24), (30, 10), (16, 16)] * 2
   p, budget = 4, 20
   images = [rng.uniform(-1, 1, (*hw, 3)).astype(np.float32) for hw in sizes]
   items = [_patchify(im, p, budget) for im in images]
   batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
   assert tuple(batch['patch_grid'][0]) == (4, 4)  # 16 tokens + 4 padding.
-  model = vit.ViT(**_VIT, pool=pool)
+  model = vit.ViT(**_VIT, pool=pool, class_token=cls)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
   got = jax.jit(lambda prm, x: model.apply({'params': prm}, x)[0])(params, _sharded(batch))
   with jax.enable_x64(True):
-    model64 = vit.ViT(**_VIT, pool=pool, dtype='float64')
+    model64 = vit.ViT(**_VIT, pool=pool, class_token=cls, dtype='float64')
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     for i, it in enumerate(items):
       h, w = it['patch_grid']
@@ -132,3 +133,79 @@ def test_naflex_mode_refuses_what_it_cannot_do():
   with pytest.raises(ValueError, match='patch_dropout'):
     vit.ViT(**_VIT, patch_dropout=0.5).apply({'params': params}, batch, train=True,
                                              rngs={'dropout': jax.random.key(1)})
+
+
+# ------------------------------------------------------------------ zero-shot and training
+
+
+def _tiny_naflex(data_dir):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config('tiny,naflex')
+  c.data_dir, c.progress_bar = data_dir, False
+  return c
+
+
+def test_zeroshot_at_each_budget_is_the_plain_model_on_the_resized_images(shapes_data_dir):
+  """budget 64 = the 64 px image's full 8 x 8 grid, 16 = a 4 x 4 grid (the image at 32 px):
+  top-1 equals a numpy argmax over the plain model's embeddings of the resized images; one
+  compiled embedding function per budget."""
+  from mmcl import models  # pylint: disable=g-import-not-at-top
+  from mmcl.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mmcl.evaluate import predict, zeroshot  # pylint: disable=g-import-not-at-top
+  c = _tiny_naflex(shapes_data_dir)
+  mesh = mesh_lib.create_mesh((('data', -1),))
+  model = models.get_model(c.model, mesh)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                      jnp.zeros((1, c.text_len), jnp.int32))['params']
+  predictor = predict.Predictor(model, mesh)
+  ev = zeroshot.ZeroShotEvaluator(
+      predictor, tokenizer='bytes', text_len=c.text_len, pp_img='decode|value_range(-1, 1)',
+      dataset='mmcl_shapes/tiny', split='test', data_dir=shapes_data_dir, batch_size=256,
+      tasks=dict(shape=dict(label_key='shape', prompts='mmcl_shapes/shape')),
+      naflex=dict(patch_size=8, budgets=(16, 64)))
+  got = ev.run(params)
+  assert predictor.image_fn._cache_size() == 2  # pylint: disable=protected-access
+  task = ev.sources[0]['tasks']['shape']
+  classifier = zeroshot.class_embeddings(predictor, params, task['classnames'],
+                                         task['prompts'], ev.tokenizer, c.text_len)
+  ds = input_pipeline.get_builder('mmcl_shapes/tiny', shapes_data_dir).as_dataset(split='test')
+  rows = list(ds.as_numpy_iterator())
+  images = np.stack([r['image'] for r in rows]).astype(np.float32) / 255 * 2 - 1
+  labels = np.array([r['shape'] for r in rows])
+  for budget, side in ((16, 32), (64, 64)):
+    resized = tf.image.resize(images, (side, side), antialias=True).numpy()
+    z = predictor.images(params, resized)
+    want = np.mean(np.argmax(z @ classifier.T, axis=1) == labels)
+    assert got[f'zeroshot/mmcl_shapes/budget{budget}/shape/top1'] == want
+  assert not any('budget' not in k for k in got)
+  with pytest.raises(ValueError, match='must be dict'):
+    zeroshot.naflex_budgets(dict(patch_size=8, budgets=()))
+
+
+def test_config_errors_name_the_clash(shapes_data_dir):
+  from mmcl.train import validate  # pylint: disable=g-import-not-at-top
+  c = _tiny_naflex(shapes_data_dir)
+  c.model.image.patch_dropout = 0.5
+  with pytest.raises(ValueError, match='patch_dropout'):
+    validate.validate(c)
+  c.model.image.patch_dropout, c.naflex.budget = 0.0, -3
+  with pytest.raises(ValueError, match='config.naflex.budget=-3'):
+    validate.validate(c)
+
+
+def test_tiny_naflex_demo_trains_and_reports_zeroshot_at_two_budgets(shapes_data_dir, tmp_path):
+  from mmcl.train import loop  # pylint: disable=g-import-not-at-top
+  from mmcl.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  c = _tiny_naflex(shapes_data_dir)
+  c.total_steps, c.log_every, c.ckpt_every = 2, 1, 100
+  c.evals = {'zeroshot': c.evals.zeroshot}
+  s = loop.setup(c)
+  assert s.batch_shapes['image'].shape == (32, 64, 8 * 8 * 3)
+  assert s.batch_shapes['patch_mask'].dtype == np.bool_
+  final = loop._run(c, str(tmp_path), s)  # pylint: disable=protected-access
+  losses = [r['train/loss'] for r in metrics_lib.read_metrics(str(tmp_path))
+            if 'train/loss' in r]
+  assert len(losses) == 2 and np.isfinite(losses).all()
+  for budget in (16, 64):
+    for task in ('shape', 'color', 'combo'):
+      assert 0 <= final[f'zeroshot/mmcl_shapes/budget{budget}/{task}/top1'] <= 1
