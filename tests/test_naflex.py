@@ -209,3 +209,17 @@ def test_tiny_naflex_demo_trains_and_reports_zeroshot_at_two_budgets(shapes_data
   for budget in (16, 64):
     for task in ('shape', 'color', 'combo'):
       assert 0 <= final[f'zeroshot/mmcl_shapes/budget{budget}/{task}/top1'] <= 1
+
+
+def test_bench_batch_matches_the_step_shapes(shapes_data_dir):
+  from mmcl.train import loop  # pylint: disable=g-import-not-at-top
+  from tools import bench_step  # pylint: disable=g-import-not-at-top
+  c = _tiny_naflex(shapes_data_dir)
+  c.naflex.budget = 20  # Not a square: a 4 x 4 grid and 4 padding tokens.
+  mesh = mesh_lib.create_mesh((('data', -1),))
+  shapes = loop._batch_shapes(c, mesh)  # pylint: disable=protected-access
+  batch = bench_step.random_batch(c, c.batch_size)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (v.shape, v.dtype) for k, v in shapes.items()}
+  assert batch['patch_mask'].sum(axis=1).tolist() == [16] * c.batch_size
+  assert (batch['image'][:, 16:] == 0).all()
