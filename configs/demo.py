@@ -13,8 +13,8 @@ The argument is a comma-separated list of options: 'clip' (default) or 'siglip' 
 loss; 'tiny' shrinks the models and data to a smoke test that runs in seconds (tests);
 'distill' adds SigLIP 2's self-distillation and masked prediction with an EMA teacher for
 the last 20% of training (docs/siglip2.md); 'naflex' trains on NaFlex patches (each image
-at its own aspect ratio, up to 16 tokens; tiny: 64) and reports zero-shot at several token
-budgets, zeroshot/mmcl_shapes/budget<L>/... (docs/resolution.md).
+at its own aspect ratio as 4, 9 or 16 tokens, drawn per example; tiny: 16 or 64) and reports
+zero-shot at each budget, zeroshot/mmcl_shapes/budget<L>/... (docs/resolution.md).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -107,11 +107,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
 
 def add_naflex(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
-  """NaFlex: train at the full 64 px grid's token count (nano/16: 4 x 4; tiny's pico/8: 8 x 8)
-  and evaluate zero-shot at it and at fewer tokens (the same images resized down)."""
+  """NaFlex: sequences of the full 64 px grid's token count (nano/16: 4 x 4; tiny's pico/8:
+  8 x 8), each example drawing its own budget among the evaluated ones (SigLIP 2 trains at
+  several), and zero-shot at each budget (the same images resized down)."""
   p = 8 if tiny else 16
-  c.naflex.budget = (64 // p)**2
-  c.evals.zeroshot.naflex = dict(patch_size=p, budgets=(16, 64) if tiny else (4, 9, 16))
+  budgets = (16, 64) if tiny else (4, 9, 16)
+  c.naflex.budget, c.naflex.draw = (64 // p)**2, budgets
+  c.evals.zeroshot.naflex = dict(patch_size=p, budgets=budgets)
   return c
 
 

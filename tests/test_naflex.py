@@ -44,7 +44,7 @@ def test_keys_agree_with_the_model():
 
 @pytest.mark.parametrize('hw,p,budget', _CASES)
 def test_grid_is_the_largest_that_fits_and_keeps_the_aspect_ratio(hw, p, budget):
-  h, w = pp_naflex.grid_for(tf.constant(hw), p, budget).numpy()
+  h, w = pp_naflex.grid_for(tf.constant(hw), budget).numpy()
   assert (h, w) == _brute_grid(hw, p, budget)
   assert h * w <= budget
   # Aspect ratio within one patch: one scale s puts H s / p in (h - 1, h] and W s / p in
@@ -77,11 +77,29 @@ def test_patches_reassemble_to_the_resized_image_and_padding_is_masked():
                                 np.arange(n))
 
 
+def test_drawn_budgets_vary_per_example_and_pad_to_the_budget():
+  fn = preprocess.get_preprocess_fn('patchify_naflex(8, 64, draw=(4, 16, 64))')
+  image = tf.zeros((64, 64, 3), tf.uint8)
+  grids = set()
+  for i in range(24):
+    out = fn({'image': image, '_seed': tf.constant([i, 0], tf.int64)})
+    assert out['image'].shape == (64, 192)
+    h, w = out['patch_grid'].numpy()
+    assert int(out['patch_mask'].numpy().sum()) == h * w
+    grids.add((h, w))
+  assert grids == {(2, 2), (4, 4), (8, 8)}  # Each drawn budget's largest square grid.
+  again = fn({'image': image, '_seed': tf.constant([3, 0], tf.int64)})['patch_grid']
+  assert tuple(again.numpy()) == tuple(fn({'image': image, '_seed': tf.constant(
+      [3, 0], tf.int64)})['patch_grid'].numpy())  # Stateless: the seed decides.
+
+
 def test_bad_arguments_name_the_problem():
   with pytest.raises(ValueError, match='budget must be a positive int'):
     preprocess.get_preprocess_fn('patchify_naflex(8, 0)')
   with pytest.raises(ValueError, match='method must be one of'):
     preprocess.get_preprocess_fn('patchify_naflex(8, 16, method="cubic")')
+  with pytest.raises(ValueError, match=r'draw must be .* \[1, budget=16\]'):
+    preprocess.get_preprocess_fn('patchify_naflex(8, 16, draw=(4, 32))')
 
 
 _VIT = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, num_classes=8,

@@ -20,11 +20,13 @@ ROWS, COLS, MASK, GRID = 'patch_rows', 'patch_cols', 'patch_mask', 'patch_grid'
 KEYS = (ROWS, COLS, MASK, GRID)
 
 
-def grid_for(hw, patch_size: int, budget: int):
+def grid_for(hw, budget, max_budget: int | None = None):
   """int32 (h, w): the patch grid of the largest scale s of an (H, W) image with
-  ceil(H s / p) * ceil(W s / p) <= budget (each side at least one patch)."""
+  ceil(H s / p) * ceil(W s / p) <= budget (each side at least one patch; the grid does not
+  depend on p). `budget` may be a tensor when the static `max_budget` bounds it."""
   hw = tf.cast(hw, tf.int64)
-  k = tf.range(1, budget + 1, dtype=tf.int64)
+  k = tf.range(1, (max_budget or budget) + 1, dtype=tf.int64)
+  budget = tf.cast(budget, tf.int64)
   out = []
   for a, b in ((0, 1), (1, 0)):  # Scales s = k p / H (rows = k), then s = k p / W.
     side, other = k, tf.maximum((hw[b] * k + hw[a] - 1) // hw[a], 1)  # ceil(W k / H).
@@ -58,19 +60,35 @@ def patchify(image, grid, patch_size: int, budget: int, method: str = 'bilinear'
 
 
 @register_op('patchify_naflex')
-def _patchify_naflex(patch_size, budget, key='image', method='bilinear', antialias=True):
-  """data[key] ([H, W, C], any value range) -> its NaFlex patches and positions (above)."""
+def _patchify_naflex(patch_size, budget, key='image', method='bilinear', antialias=True,
+                     draw=None):
+  """data[key] ([H, W, C], any value range) -> its NaFlex patches and positions (above).
+
+  draw: budgets (each <= budget) of which each example draws one uniformly (needs _seed),
+  its grid chosen for that one, padded to `budget`: one compiled step trains at several
+  sequence lengths (the shapes stay [budget, ...]; the cost is that of `budget`).
+  """
+  ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
   for name, v in (('patch_size', patch_size), ('budget', budget)):
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    if not ok(v):
       raise ValueError(f'patchify_naflex: {name} must be a positive int, got {v!r}.')
+  if draw is not None and (not isinstance(draw, (tuple, list)) or not draw or
+                           not all(ok(v) and v <= budget for v in draw)):
+    raise ValueError(f'patchify_naflex: draw must be a non-empty tuple of budgets in '
+                     f'[1, budget={budget}], got {draw!r}.')
   pp.check_method(method)
   (key,) = pp.check_keys(key)
 
   def _op(data):
     data = dict(data)
     image = pp.get(data, key, 'patchify_naflex')
-    out = patchify(image, grid_for(tf.shape(image)[:2], patch_size, budget), patch_size,
-                   budget, method, antialias)
+    this = budget
+    if draw is not None:
+      i = tf.random.stateless_uniform([], pp.next_seed(data, 'patchify_naflex'), 0, len(draw),
+                                      tf.int32)
+      this = tf.gather(tf.constant(draw, tf.int32), i)
+    out = patchify(image, grid_for(tf.shape(image)[:2], this, budget), patch_size, budget,
+                   method, antialias)
     data[key] = out.pop('patches')
     data.update(out)
     return data
@@ -78,6 +96,7 @@ def _patchify_naflex(patch_size, budget, key='image', method='bilinear', antiali
   return _op
 
 
-def pp_suffix(patch_size: int, budget: int) -> str:
+def pp_suffix(patch_size: int, budget: int, draw=None) -> str:
   """What a pp string gets appended to yield NaFlex patches (after its keep(), if any)."""
-  return f'|patchify_naflex({int(patch_size)}, {int(budget)})'
+  draw = f', draw={tuple(int(b) for b in draw)}' if draw else ''
+  return f'|patchify_naflex({int(patch_size)}, {int(budget)}{draw})'

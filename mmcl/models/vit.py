@@ -103,7 +103,7 @@ def embed_naflex(module: nn.Module, patches: Mapping, patch_size: int, width: in
     raise ValueError(f'ViT NaFlex input lacks {missing} (has {sorted(patches)}); make it '
                      'with the pp op patchify_naflex.')
   x_BxLxP = patches['image']
-  b, length, dim = x_BxLxP.shape
+  _, length, dim = x_BxLxP.shape
   if dim != patch_size * patch_size * 3:
     raise ValueError(f'ViT NaFlex patches have {dim} values, expected patch_size^2 x 3 = '
                      f'{patch_size * patch_size * 3}: patchify_naflex(patch_size=...) must '

@@ -35,8 +35,10 @@ def example_shapes(config, length: int | None = None) -> dict:
 
 
 def pp_suffix(config, length: int | None = None) -> str:
-  """What the training pp string gets appended (at budget `length`, default the config's)."""
-  return pp_naflex.pp_suffix(patch_size(config), length or budget(config))
+  """What the training pp string gets appended (at budget `length`, default the config's,
+  each example at a budget drawn from config.naflex.draw when set)."""
+  return pp_naflex.pp_suffix(patch_size(config), length or budget(config),
+                             tuple((config.get('naflex') or {}).get('draw') or ()))
 
 
 def check(config):
@@ -47,6 +49,10 @@ def check(config):
   if not isinstance(length, int) or length <= 0:
     raise ValueError(f'config.naflex.budget={length!r} must be a positive int (the patch '
                      'tokens per image) or None (off).')
+  draw = tuple((config.get('naflex') or {}).get('draw') or ())
+  if draw and not all(isinstance(b, int) and 0 < b <= length for b in draw):
+    raise ValueError(f'config.naflex.draw={draw} must be budgets in [1, config.naflex.budget='
+                     f'{length}] (each example draws one; the batch is padded to the budget).')
   if config.model.name != 'two_towers':
     raise ValueError(f'config.naflex is for two_towers models (a ViT image tower), not '
                      f'config.model.name={config.model.name!r}.')
