@@ -237,8 +237,8 @@ def main(argv):
         with config.unlocked():  # TwoTowers keeps it in the image tower, LIMoE at the top.
           tower = config.model if config.model.name == 'limoe' else config.model.image
           tower.patch_dropout = float(ratio)
-      if length is not None:
-        config.naflex.budget = int(length)
+      if length is not None:  # The bench draws its own grids: no per-example budgets.
+        config.naflex.budget, config.naflex.draw = int(length), ()
       row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
       if ratio is not None:
         row = {'patch_dropout': float(ratio), **row}
