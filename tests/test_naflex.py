@@ -93,6 +93,13 @@ def test_drawn_budgets_vary_per_example_and_pad_to_the_budget():
       [3, 0], tf.int64)})['patch_grid'].numpy())  # Stateless: the seed decides.
 
 
+def test_the_op_goes_before_a_trailing_keep_which_keeps_its_keys():
+  keys = ', '.join(f'"{k}"' for k in naflex.KEYS)
+  assert pp_naflex.with_patchify('decode|keep("image", "text")', 8, 16, (4, 16)) == (
+      f'decode|patchify_naflex(8, 16, draw=(4, 16))|keep("image", "text", {keys})')
+  assert pp_naflex.with_patchify('decode', 8, 16) == 'decode|patchify_naflex(8, 16)'
+
+
 def test_bad_arguments_name_the_problem():
   with pytest.raises(ValueError, match='budget must be a positive int'):
     preprocess.get_preprocess_fn('patchify_naflex(8, 0)')

@@ -10,6 +10,8 @@ s with ceil(H s / p) * ceil(W s / p) <= budget (SigLIP 2's rule), found exactly:
 only changes where H s / p or W s / p crosses an integer, so those scales are the
 candidates.
 """
+import re
+
 import tensorflow as tf
 
 from mmcl.data import preprocess as pp
@@ -100,3 +102,17 @@ def pp_suffix(patch_size: int, budget: int, draw=None) -> str:
   """What a pp string gets appended to yield NaFlex patches (after its keep(), if any)."""
   draw = f', draw={tuple(int(b) for b in draw)}' if draw else ''
   return f'|patchify_naflex({int(patch_size)}, {int(budget)}{draw})'
+
+
+_TRAILING_KEEP = re.compile(r'\|\s*keep\(([^()]*)\)\s*$')
+
+
+def with_patchify(pp: str, patch_size: int, budget: int, draw=None) -> str:
+  """`pp` yielding NaFlex patches: the op goes before a trailing keep(...), which also keeps
+  the patch keys (a drawn budget needs the '_seed' that keep drops), else at the end."""
+  op = pp_suffix(patch_size, budget, draw)
+  match = _TRAILING_KEEP.search(pp)
+  if not match:
+    return pp + op
+  keys = ', '.join(f'"{k}"' for k in KEYS)
+  return f'{pp[:match.start()]}{op}|keep({match.group(1)}, {keys})'

@@ -167,7 +167,7 @@ def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
 def train_pp(config) -> str:
   """config.input.pp, filled in, and ending with the NaFlex patchify op under config.naflex."""
   pp = input_pipeline.format_pp(config.input.pp, config)
-  return pp + naflex_input.pp_suffix(config) if naflex_input.budget(config) else pp
+  return naflex_input.train_pp(pp, config) if naflex_input.budget(config) else pp
 
 
 def _example_shapes(config) -> dict:

@@ -2,7 +2,7 @@
 to images at their own aspect ratio, each as up to L patches.
 
 The input pipeline then ends with `patchify_naflex(p, L)` (mmcl/data/pp_naflex.py; p the
-image tower's patch size), so the batch holds patches [B, L, p*p*3] under 'image' and their
+image tower's patch size; before a trailing keep(), which keeps the patch keys too), so the batch holds patches [B, L, p*p*3] under 'image' and their
 positions and mask; the train step passes that patch dict to the ViT (mmcl/models/vit.py).
 The rest of config.input.pp should not resize to a square, or the aspect ratio is gone.
 """
@@ -34,11 +34,11 @@ def example_shapes(config, length: int | None = None) -> dict:
           naflex.MASK: ((length,), np.bool_), naflex.GRID: ((2,), np.int32)}
 
 
-def pp_suffix(config, length: int | None = None) -> str:
-  """What the training pp string gets appended (at budget `length`, default the config's,
-  each example at a budget drawn from config.naflex.draw when set)."""
-  return pp_naflex.pp_suffix(patch_size(config), length or budget(config),
-                             tuple((config.get('naflex') or {}).get('draw') or ()))
+def train_pp(pp: str, config) -> str:
+  """The training pp string `pp` yielding NaFlex patches at the config's budget (each
+  example at a budget drawn from config.naflex.draw when set): pp_naflex.with_patchify."""
+  return pp_naflex.with_patchify(pp, patch_size(config), budget(config),
+                                 tuple((config.get('naflex') or {}).get('draw') or ()))
 
 
 def check(config):
