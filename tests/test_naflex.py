@@ -113,6 +113,11 @@ _VIT = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, num_classe
             posemb_grid=4)
 
 
+def _init(model):
+  """Parameters for 16 x 16 images (jitted: an eager init dispatches op by op, ~9 s)."""
+  return jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()['params']
+
+
 def _sharded(tree):
   mesh = mesh_lib.create_mesh((('data', -1),))
   return jax.device_put(tree, mesh_lib.batch_sharding(mesh))
@@ -132,17 +137,18 @@ def test_naflex_mode_equals_the_plain_vit_on_each_resized_image(pool, cls):
   batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
   assert tuple(batch['patch_grid'][0]) == (4, 4)  # 16 tokens + 4 padding.
   model = vit.ViT(**_VIT, pool=pool, class_token=cls)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  params = _init(model)
   got = jax.jit(lambda prm, x: model.apply({'params': prm}, x)[0])(params, _sharded(batch))
   with jax.enable_x64(True):
     model64 = vit.ViT(**_VIT, pool=pool, class_token=cls, dtype='float64')
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    plain64 = jax.jit(lambda prm, x: model64.apply({'params': prm}, x)[0])
     for i, it in enumerate(items):
       h, w = it['patch_grid']
       resized = tf.image.resize(images[i], (h * p, w * p), antialias=True).numpy()
       if sizes[i] == (16, 16):
         np.testing.assert_array_equal(resized, images[i])
-      want = model64.apply({'params': p64}, resized[None].astype(np.float64))[0][0]
+      want = plain64(p64, resized[None].astype(np.float64))[0]
       np.testing.assert_allclose(got[i], want, atol=2e-5)
 
 
@@ -150,7 +156,7 @@ def test_naflex_mode_refuses_what_it_cannot_do():
   batch = _patchify(np.zeros((16, 16, 3), np.float32), 4, 16)
   batch = {k: v[None] for k, v in batch.items()}
   model = vit.ViT(**_VIT)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  params = _init(model)
   with pytest.raises(ValueError, match='patch_size'):
     vit.ViT(**{**_VIT, 'patch_size': 2}).apply({'params': params}, batch)
   with pytest.raises(ValueError, match='lacks'):
@@ -180,8 +186,8 @@ def test_zeroshot_at_each_budget_is_the_plain_model_on_the_resized_images(shapes
   c = _tiny_naflex(shapes_data_dir)
   mesh = mesh_lib.create_mesh((('data', -1),))
   model = models.get_model(c.model, mesh)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                      jnp.zeros((1, c.text_len), jnp.int32))['params']
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                      jnp.zeros((1, c.text_len), jnp.int32)))()['params']
   predictor = predict.Predictor(model, mesh)
   ev = zeroshot.ZeroShotEvaluator(
       predictor, tokenizer='bytes', text_len=c.text_len, pp_img='decode|value_range(-1, 1)',
