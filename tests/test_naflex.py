@@ -222,6 +222,18 @@ def test_config_errors_name_the_clash(shapes_data_dir):
   c.model.image.patch_dropout, c.naflex.budget = 0.0, -3
   with pytest.raises(ValueError, match='config.naflex.budget=-3'):
     validate.validate(c)
+  c.naflex.budget, c.naflex.draw = 16, (4, 64)
+  with pytest.raises(ValueError, match=r'config.naflex.draw=\(4, 64\) must be budgets in'):
+    validate.validate(c)
+  # The first batch at another budget than the step was built for: the error names the knob.
+  from mmcl.train import loop  # pylint: disable=g-import-not-at-top
+  c.naflex.draw = ()
+  mesh = mesh_lib.create_mesh((('data', -1),))
+  want = loop._batch_shapes(c, mesh)  # pylint: disable=protected-access
+  c.naflex.budget = 64
+  got = loop._batch_shapes(c, mesh)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"'image' has shape \(32, 64, 192\).*naflex.budget"):
+    validate.check_batch(got, want)
 
 
 def test_tiny_naflex_demo_trains_and_reports_zeroshot_at_two_budgets(shapes_data_dir, tmp_path):
