@@ -13,8 +13,9 @@ The argument is a comma-separated list of options: 'clip' (default) or 'siglip' 
 loss; 'tiny' shrinks the models and data to a smoke test that runs in seconds (tests);
 'distill' adds SigLIP 2's self-distillation and masked prediction with an EMA teacher for
 the last 20% of training (docs/siglip2.md); 'naflex' trains on NaFlex patches (each image
-at its own aspect ratio as 4, 9 or 16 tokens, drawn per example; tiny: 16 or 64) and reports
-zero-shot at each budget, zeroshot/mmcl_shapes/budget<L>/... (docs/resolution.md).
+at its own aspect ratio as up to 16 tokens; tiny: 16 or 64 drawn per example) and reports
+zero-shot at 4, 9 and 16 tokens (tiny: 16, 64), zeroshot/mmcl_shapes/budget<L>/...
+(docs/resolution.md).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -108,22 +109,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
 def add_naflex(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
   """NaFlex: sequences of the full 64 px grid's token count (nano/16: 4 x 4; tiny's pico/8:
-  8 x 8), each example drawing its own budget among the evaluated ones (SigLIP 2 trains at
-  several), and zero-shot at each budget (the same images resized down)."""
+  8 x 8) and zero-shot at it and at fewer tokens (the same images resized down). Training
+  at several budgets (config.naflex.draw) learned shape much more slowly here
+  (docs/resolution.md), so the demo trains at one; tiny draws per example, so the smoke test
+  runs that path."""
   p = 8 if tiny else 16
   budgets = (16, 64) if tiny else (4, 9, 16)
-  c.naflex.budget, c.naflex.draw = (64 // p)**2, budgets
+  c.naflex.budget, c.naflex.draw = (64 // p)**2, budgets if tiny else ()
   c.evals.zeroshot.naflex = dict(patch_size=p, budgets=budgets)
   return c
-
-
-def add_self_distill(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
-  """The demo's SigLIP 2 self-distillation, added after `c.input.pp` is final."""
-  # SigLIP 2's B-size weights: (1, 0.25) x 0.25. Fewer, smaller local crops than SILC's
-  # 8 (CPU time); a small head; decay 0.99 so the teacher moves within the last 20%.
-  c.self_distill.update(hidden=256, bottleneck=64, prototypes=1024)
-  return common.add_self_distill(c, num_local=2 if tiny else 4, local_size=32,
-                                 local_weight=0.25, masked_weight=0.0625, decay=0.99)
 
 
 def _heldout_combo_ids() -> list[int]:
