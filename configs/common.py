@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   # final phase starts at this step (0: never), and FlexiViT's per-step patch sizes.
   c.unmasked_from_step = 0
   c.flexi_patch_sizes = ()
+  # NaFlex (SigLIP 2, docs/resolution.md): each image at its own aspect ratio as up to
+  # `budget` patch tokens (None: off, fixed image_size); with `draw` = budgets (<= budget),
+  # each example's grid is for one drawn from them, padded to `budget`.
+  # mmcl/train/naflex_input.py.
+  c.naflex = ml_collections.ConfigDict(dict(budget=config_dict.placeholder(int), draw=()))
 
   c.lr = 1e-3
   c.optim = ml_collections.ConfigDict()

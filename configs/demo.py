@@ -7,18 +7,22 @@ held-out colour+shape combinations, plus retrieval on the test split:
   python tools/train.py --config configs/demo.py:siglip --workdir /tmp/mmcl_demo_siglip
   python tools/train.py --config configs/demo.py --workdir /tmp/w --config.total_steps=30
   python tools/train.py --config configs/demo.py:siglip,distill --workdir /tmp/mmcl_distill
+  python tools/train.py --config configs/demo.py:naflex --workdir /tmp/mmcl_naflex
 
 The argument is a comma-separated list of options: 'clip' (default) or 'siglip' picks the
 loss; 'tiny' shrinks the models and data to a smoke test that runs in seconds (tests);
 'distill' adds SigLIP 2's self-distillation and masked prediction with an EMA teacher for
-the last 20% of training (docs/siglip2.md).
+the last 20% of training (docs/siglip2.md); 'naflex' trains on NaFlex patches (each image
+at its own aspect ratio as up to 16 tokens; tiny: 16 or 64 drawn per example) and reports
+zero-shot at 4, 9 and 16 tokens (tiny: 16, 64), zeroshot/mmcl_shapes/budget<L>/...
+(docs/resolution.md).
 """
 import ml_collections
 from ml_collections import config_dict
 
 from configs import common
 
-OPTIONS = ('clip', 'siglip', 'tiny', 'distill')
+OPTIONS = ('clip', 'siglip', 'tiny', 'distill', 'naflex')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -93,18 +97,27 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.evals.geometry = dict(type='geometry', every=0, dataset=dataset,
                           split='test' if tiny else 'test[:1024]', pp_img=pp_img,
                           batch_size=256)
+  if {'distill', 'naflex'} <= options:
+    raise ValueError('The demo options naflex and distill do not combine (NaFlex has no '
+                     'fixed-size views to distill).')
   if 'distill' in options:
     add_self_distill(c, tiny)
+  if 'naflex' in options:
+    add_naflex(c, tiny)
   return c
 
 
-def add_self_distill(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
-  """The demo's SigLIP 2 self-distillation, added after `c.input.pp` is final."""
-  # SigLIP 2's B-size weights: (1, 0.25) x 0.25. Fewer, smaller local crops than SILC's
-  # 8 (CPU time); a small head; decay 0.99 so the teacher moves within the last 20%.
-  c.self_distill.update(hidden=256, bottleneck=64, prototypes=1024)
-  return common.add_self_distill(c, num_local=2 if tiny else 4, local_size=32,
-                                 local_weight=0.25, masked_weight=0.0625, decay=0.99)
+def add_naflex(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
+  """NaFlex: sequences of the full 64 px grid's token count (nano/16: 4 x 4; tiny's pico/8:
+  8 x 8) and zero-shot at it and at fewer tokens (the same images resized down). Training
+  at several budgets (config.naflex.draw) learned shape much more slowly here
+  (docs/resolution.md), so the demo trains at one; tiny draws per example, so the smoke test
+  runs that path."""
+  p = 8 if tiny else 16
+  budgets = (16, 64) if tiny else (4, 9, 16)
+  c.naflex.budget, c.naflex.draw = (64 // p)**2, budgets if tiny else ()
+  c.evals.zeroshot.naflex = dict(patch_size=p, budgets=budgets)
+  return c
 
 
 def _heldout_combo_ids() -> list[int]:

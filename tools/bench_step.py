@@ -4,6 +4,7 @@ r"""Train-step throughput of a config: one JSON line of measured and analytic fi
   python tools/bench_step.py --config configs/demo.py --batch 256 --steps 5
   python tools/bench_step.py --config configs/demo.py:tiny --devices 8 --collectives
   python tools/bench_step.py --config configs/demo.py --patch_dropout 0,0.5,0.75   # FLIP
+  python tools/bench_step.py --config configs/demo.py:naflex --naflex_budget 4,9,16  # NaFlex
 
 Compiles the real train step of the config (mmcl.train.loop.setup) on the available devices
 (or `--devices` forced host devices), feeds it one batch of random images and texts of the
@@ -36,10 +37,15 @@ installed (optional: see BENCHMARKS.md; tools/bench_open_clip.py), and adds
 `reference_examples_per_sec` and `ratio`.
 `--patch_dropout R1,R2,...` prints one line per FLIP patch-dropout ratio (the image tower's
 `patch_dropout`, docs/resolution.md), each with its `patch_dropout` figure.
+`--naflex_budget L1,L2,...` prints one line per NaFlex token budget (config.naflex.budget,
+docs/resolution.md), each with its `naflex_budget` figure; the batch is NaFlex patches of
+square images at the largest grid that fits (isqrt(L)^2 tokens, the rest padding), and the
+analytic FLOPs count L tokens when L is a square (else isqrt(L)^2).
 Analytic per-chip lower bounds of paper-scale steps on TPU slices: tools/roofline.py; what the
 TPU compiler itself says: tools/compile.py.
 """
 import json
+import math
 import os
 import resource
 import statistics
@@ -70,6 +76,8 @@ def define_flags():
                       'directory and print the ops that took the most time (stderr).')
   flags.DEFINE_list('patch_dropout', None, 'One row per image patch-dropout ratio (FLIP), '
                     'e.g. 0,0.5,0.75.')
+  flags.DEFINE_list('naflex_budget', None, 'One row per NaFlex token budget '
+                    '(config.naflex.budget), e.g. 4,9,16.')
 
 
 def random_batch(config, batch: int, seed: int = 0) -> dict:
@@ -83,11 +91,32 @@ def random_batch(config, batch: int, seed: int = 0) -> dict:
   text = np.where(np.arange(length)[None] < lengths, text, 0).astype(np.int32)
   image = rng.uniform(-1, 1, size=(batch, size, size, 3)).astype(np.float32)
   out = {'image': image, 'text': text}
+  from mmcl.train import naflex_input
+  if naflex_input.budget(config):  # NaFlex patches of square images, padded to the budget.
+    out.update(naflex_batch(config, batch, rng))
   dec = config.model.get('decoder')
   if dec:  # The captioning decoder's targets (mmcl/data/decoder_tasks.py), all scored.
     n = dec.get('max_len', 64)
     out['dec_tokens'] = rng.integers(1, dec['vocab_size'], size=(batch, n), dtype=np.int32)
     out['dec_loss_mask'] = np.ones((batch, n), np.int32)
+  return out
+
+
+def naflex_batch(config, batch: int, rng) -> dict:
+  """Random NaFlex patches of square images: an isqrt(L) x isqrt(L) grid, then padding."""
+  import math
+  import numpy as np
+  from mmcl.models import naflex
+  from mmcl.train import naflex_input
+  shapes = naflex_input.example_shapes(config)
+  length, side = shapes['image'][0][0], math.isqrt(naflex_input.budget(config))
+  index = np.arange(length)
+  valid = index < side * side
+  one = {naflex.ROWS: np.where(valid, index // side, -1), naflex.COLS: np.where(
+      valid, index % side, -1), naflex.MASK: valid, naflex.GRID: np.array([side, side])}
+  out = {k: np.broadcast_to(v, (batch, *v.shape)).astype(shapes[k][1]) for k, v in one.items()}
+  patches = rng.uniform(-1, 1, size=(batch, *shapes['image'][0])).astype(np.float32)
+  out['image'] = np.where(valid[None, :, None], patches, 0).astype(np.float32)
   return out
 
 
@@ -109,7 +138,11 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
 
   devices = s.mesh.size
   xla_flops = throughput.step_flops(compiled) * devices / batch  # Per device: times all.
-  analytic = flops_lib.train_step_flops(config.model, config.image_size, config.text_len,
+  from mmcl.train import naflex_input
+  size = config.image_size
+  if naflex_input.budget(config):  # The analytic count of isqrt(L)^2 tokens.
+    size = math.isqrt(naflex_input.budget(config)) * naflex_input.patch_size(config)
+  analytic = flops_lib.train_step_flops(config.model, size, config.text_len,
                                         global_batch=batch, local_batch=batch // devices)
   colls = hlo.collectives(compiled)
   row = dict(batch=batch, devices=devices, device_kind=jax.devices()[0].device_kind,
@@ -195,15 +228,23 @@ def main(argv):
   if f.batch:
     config.batch_size = f.batch
   config.progress_bar = False
+  if f.patch_dropout and f.naflex_budget:
+    raise app.UsageError('--patch_dropout and --naflex_budget do not combine (NaFlex refuses '
+                         'patch dropout).')
   for ratio in f.patch_dropout or [None]:
-    if ratio is not None:
-      with config.unlocked():  # TwoTowers keeps it in the image tower, LIMoE at the top.
-        tower = config.model if config.model.name == 'limoe' else config.model.image
-        tower.patch_dropout = float(ratio)
-    row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
-    if ratio is not None:
-      row = {'patch_dropout': float(ratio), **row}
-    _print_row(f, config, row)
+    for length in f.naflex_budget or [None]:
+      if ratio is not None:
+        with config.unlocked():  # TwoTowers keeps it in the image tower, LIMoE at the top.
+          tower = config.model if config.model.name == 'limoe' else config.model.image
+          tower.patch_dropout = float(ratio)
+      if length is not None:  # The bench draws its own grids: no per-example budgets.
+        config.naflex.budget, config.naflex.draw = int(length), ()
+      row = bench_step(config, f.steps, f.warmup, f.matmul, f.trace)
+      if ratio is not None:
+        row = {'patch_dropout': float(ratio), **row}
+      if length is not None:
+        row = {'naflex_budget': int(length), **row}
+      _print_row(f, config, row)
 
 
 def _print_row(f, config, row):

@@ -6,6 +6,7 @@ each global batch); `host_sum` and `host_concat` combine per-process results.
 import jax
 import numpy as np
 
+from mmcl.models import naflex
 from mmcl.parallel import mesh as mesh_lib
 
 
@@ -40,18 +41,17 @@ class Predictor:
       self._memo[key] = compute()
     return self._memo[key]
 
-  def _run(self, fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
+  def _run(self, fn, params, x, batch_size: int) -> np.ndarray:
+    """`x`: an array, or a dict of arrays with the same rows (NaFlex's patch dict)."""
     if jax.process_count() > 1:
       return self._run_multiprocess(fn, params, x, batch_size)
     batch_size = -(-batch_size // self._shards) * self._shards
     out = []
-    for start in range(0, len(x), batch_size):
-      chunk = np.asarray(x[start:start + batch_size])
-      n = len(chunk)
-      padded = -(-n // self._shards) * self._shards
-      if padded != n:
-        chunk = np.concatenate([chunk, np.zeros((padded - n,) + chunk.shape[1:], chunk.dtype)])
-      z = fn(params, jax.device_put(chunk, self._sharding))
+    for start in range(0, _rows(x), batch_size):
+      chunk = _take(x, start, start + batch_size)
+      n = _rows(chunk)
+      z = fn(params, jax.device_put(_pad(chunk, -(-n // self._shards) * self._shards),
+                                    self._sharding))
       out.append(np.asarray(jax.device_get(z), np.float32)[:n])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -59,24 +59,39 @@ class Predictor:
     """Each process passes its own rows; every process runs the same number of batches."""
     local_shards = max(self._shards // jax.process_count(), 1)
     local_bs = -(-max(batch_size // jax.process_count(), 1) // local_shards) * local_shards
-    steps = int(host_max(-(-len(x) // local_bs)))
+    steps = int(host_max(-(-_rows(x) // local_bs)))
     out = []
     for i in range(steps):
-      chunk = np.asarray(x[i * local_bs:(i + 1) * local_bs])
-      n = len(chunk)
-      pad = np.zeros((local_bs - n,) + tuple(np.shape(x)[1:]), np.asarray(x).dtype)
-      z = fn(params, jax.make_array_from_process_local_data(
-          self._sharding, np.concatenate([chunk, pad]) if n < local_bs else chunk))
+      chunk = _take(x, i * local_bs, (i + 1) * local_bs)
+      n = _rows(chunk)
+      z = fn(params, jax.tree.map(
+          lambda a: jax.make_array_from_process_local_data(self._sharding, a),
+          _pad(chunk, local_bs)))
       shards = {s.index[0].start or 0: s.data for s in z.addressable_shards}  # Dedup replicas.
       local = np.concatenate([np.asarray(shards[k], np.float32) for k in sorted(shards)])
       out.append(local[:n])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-  def images(self, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+  def images(self, params, images, batch_size: int = 256) -> np.ndarray:
+    """`images` [N, H, W, 3], or NaFlex's patch dict of N rows (one compile per budget)."""
     return self._run(self.image_fn, params, images, batch_size)
 
   def texts(self, params, tokens: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     return self._run(self.text_fn, params, tokens, batch_size)
+
+
+def _rows(x) -> int:
+  return len(jax.tree.leaves(x)[0])
+
+
+def _take(x, start: int, stop: int):
+  return jax.tree.map(lambda a: np.asarray(a[start:stop]), x)
+
+
+def _pad(x, rows: int):
+  """Zero rows appended up to `rows` (NaFlex: an all-padding patch dict, masked out)."""
+  return jax.tree.map(lambda a: a if len(a) == rows else np.concatenate(
+      [a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)]), x)
 
 
 def topk_correct(logits_NxC: np.ndarray, labels_N: np.ndarray, k: int) -> np.ndarray:
@@ -144,6 +159,8 @@ def eval_dataset(name: str, split: str, pp: str, batch_size: int, data_dir=None,
 def embed_dataset(predictor: Predictor, params, ds, batch_size: int, image_key: str = 'image'):
   """(this process's image embeddings [N, D], {feature: list of N values}) of `ds`.
 
+  Batches with NaFlex patches (pp op patchify_naflex) are embedded as their patch dict.
+
   With several processes, a process whose share ran out embeds empty batches until every
   share is done: each batch is a collective, so all processes must make the same calls.
   """
@@ -157,7 +174,9 @@ def embed_dataset(predictor: Predictor, params, ds, batch_size: int, image_key: 
       zimg.append(predictor.images(params, empty, batch_size))
       continue
     images = batch.pop(image_key)
-    empty = np.zeros((0,) + images.shape[1:], images.dtype)
+    if naflex.MASK in batch:  # NaFlex: the patch dict (mmcl/models/naflex.py).
+      images = {image_key: images, **{k: batch.pop(k) for k in naflex.KEYS}}
+    empty = jax.tree.map(lambda a: a[:0], images)
     zimg.append(predictor.images(params, images, batch_size))
     for k, v in flat_features(batch).items():
       features.setdefault(k, []).extend(v)

@@ -18,13 +18,16 @@ that (CLIP's protocol for e.g. pets and flowers); a dataset with several label `
 synthetic shapes) reports `zeroshot/<name>/<task>/...`. `pp_label` is a pp string run after
 `pp_img` that derives the label (e.g. CLEVR's object count, mmcl/data/pp_keys.py). With
 `summary=S` the evaluator also reports `zeroshot/S/mean`, the mean over its datasets of each
-one's `metric` (DataComp's summary of a suite, mmcl/evaluate/suite.py).
+one's `metric` (DataComp's summary of a suite, mmcl/evaluate/suite.py). With
+`naflex=dict(patch_size=P, budgets=(L1, L2))` the same images are evaluated as NaFlex patches
+at each budget (mmcl/data/pp_naflex.py; one compiled embedding per budget), named
+`zeroshot/<name>/budget<L>/...` (docs/resolution.md).
 """
 from collections.abc import Sequence
 
 import numpy as np
 
-from mmcl.data import input_pipeline, sources, tokenizers
+from mmcl.data import input_pipeline, pp_naflex, sources, tokenizers
 from mmcl.evaluate import prompts as prompts_lib
 from mmcl.evaluate import predict
 from mmcl.evaluate.predict import Predictor, l2_normalize
@@ -109,7 +112,8 @@ class ZeroShotEvaluator:
                split: str | None = None, tasks: dict | None = None, prompts=None,
                lowercase: bool = False, strip_punctuation: bool = False, data_dir=None,
                batch_size: int = 256, name: str | None = None, csv: dict | None = None,
-               classnames=None, label_key: str | None = None, summary: str | None = None):
+               classnames=None, label_key: str | None = None, summary: str | None = None,
+               naflex: dict | None = None):
     if (datasets is None) == (dataset is None):
       raise ValueError('Zero-shot evaluator needs exactly one of `datasets` (a list) or '
                        f'`dataset` (one name); got datasets={datasets!r}, dataset={dataset!r}.')
@@ -123,12 +127,15 @@ class ZeroShotEvaluator:
     self.tokenizer, self.tokenizer_name = tokenizers.get_tokenizer(tokenizer), tokenizer
     self.text_len, self.batch_size = text_len, batch_size
     self.lowercase, self.strip_punctuation = lowercase, strip_punctuation
-    self.sources = [self._source(d, pp_img, prompts, data_dir, csv) for d in datasets]
+    self.sources = [self._source(d, pp_img, prompts, data_dir, csv, budget)
+                    for budget in naflex_budgets(naflex) for d in datasets]
     self.summary = summary
     self.name = self.sources[0]['name']
     self.tasks = self.sources[0]['tasks']
 
-  def _source(self, entry, pp_img, prompts, data_dir, csv) -> dict:
+  def _source(self, entry, pp_img, prompts, data_dir, csv, budget=None) -> dict:
+    """One dataset's stream and tasks; with a NaFlex `budget` = (patch size, L) its images
+    are patchified at L tokens and its metrics named zeroshot/<name>/budget<L>/..."""
     entry = {'dataset': entry} if isinstance(entry, str) else dict(entry)
     unknown = set(entry) - set(_DATASET_FIELDS)
     if unknown:
@@ -159,7 +166,8 @@ class ZeroShotEvaluator:
       if t['class_subset'] and max(t['class_subset']) >= len(t['classnames']):
         raise ValueError(f'class_subset of {dataset} indexes past its '
                          f'{len(t["classnames"])} class names.')
-      t['prefix'] = f'zeroshot/{spec["name"]}' + (f'/{task}' if task else '')
+      t['prefix'] = (f'zeroshot/{spec["name"]}' + (f'/budget{budget[1]}' if budget else '') +
+                     (f'/{task}' if task else ''))
       t.setdefault('metric', 'top1')
       if t['metric'] not in METRICS or (t['metric'] != 'top1' and t.get('multilabel')):
         raise ValueError(f'{t["prefix"]}: metric {t["metric"]!r} is not one of {METRICS} '
@@ -174,9 +182,10 @@ class ZeroShotEvaluator:
       options = {**(spec['csv'] or {}), 'label_key': label_keys[0], 'captions': False}
     keep = ', '.join(f'"{k}"' for k in sorted(keys))
     pp_label = f'|{spec["pp_label"]}' if spec.get('pp_label') else ''
+    naflex_pp = pp_naflex.pp_suffix(*budget) if budget else ''
     ds = predict.eval_dataset(dataset, spec['split'],
-                              f'{spec["pp_img"]}{pp_label}|keep({keep})', self.batch_size,
-                              data_dir, options)
+                              f'{spec["pp_img"]}{pp_label}|keep({keep}){naflex_pp}',
+                              self.batch_size, data_dir, options)
     return dict(name=spec['name'], ds=ds, tasks=tasks)
 
   def run(self, params) -> dict[str, float]:
@@ -235,6 +244,21 @@ class ZeroShotEvaluator:
         per_class += [np.bincount(lab[top1], minlength=num_classes)[:num_classes],
                       np.bincount(lab, minlength=num_classes)[:num_classes]]
     return np.concatenate([hits, per_class.ravel()])
+
+
+def naflex_budgets(naflex: dict | None) -> list:
+  """[(patch size, budget), ...] of the evaluator's `naflex` dict(patch_size, budgets), or
+  [None] (plain images) without one."""
+  if not naflex:
+    return [None]
+  naflex = dict(naflex)
+  unknown = set(naflex) - {'patch_size', 'budgets'}
+  p, budgets = naflex.get('patch_size'), tuple(naflex.get('budgets') or ())
+  ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+  if unknown or not ok(p) or not budgets or not all(map(ok, budgets)):
+    raise ValueError(f'Zero-shot naflex={naflex} must be dict(patch_size=P, budgets=(L1, ...)) '
+                     'with positive ints: the image tower\'s patch size and the token budgets.')
+  return [(p, b) for b in budgets]
 
 
 def mean_per_class_recall(hits_C, counts_C) -> float:

@@ -333,12 +333,14 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, valid_BxL=None):
+    """valid_BxL (bool, optional): the tokens the probe may attend to (NaFlex padding not)."""
     b, _, d = x_BxLxD.shape
     probe_1x1xD = self.param('probe', _KERNEL_INIT, (1, 1, d), PARAM_DTYPE)
     probe_Bx1xD = jnp.tile(probe_1x1xD, (b, 1, 1)).astype(self.dtype)
+    mask = None if valid_BxL is None else valid_BxL[:, None, None, :]
     x_Bx1xD = attention(self.num_heads, self.dtype)(
-        probe_Bx1xD, x_BxLxD, deterministic=True)
+        probe_Bx1xD, x_BxLxD, mask=mask, deterministic=True)
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=PARAM_DTYPE)(x_Bx1xD)
     x_Bx1xD = x_Bx1xD + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
     return x_Bx1xD[:, 0]

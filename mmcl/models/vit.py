@@ -1,4 +1,5 @@
 """Vision Transformer image tower."""
+from collections.abc import Mapping
 import math
 from typing import Any
 
@@ -6,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmcl.models import flexi
+from mmcl.models import naflex
 from mmcl.models import patch_dropout as patch_dropout_lib
 from mmcl.models import posemb as posemb_lib
 from mmcl.models import transformer
@@ -52,13 +54,12 @@ def embed_patches(module: nn.Module, image_BxHxWx3, patch_size: int, width: int,
                                name=name)(image_BxHxWx3)
 
 
-def position_embedding(module: nn.Module, hw: tuple[int, int], width: int, grid=None,
-                       method: str = 'bilinear', name: str = 'pos_embedding'):
-  """`module`'s learned position embedding [1, h*w, width] for an (h, w) patch grid.
+def stored_position_embedding(module: nn.Module, hw: tuple[int, int], width: int, grid=None,
+                              name: str = 'pos_embedding'):
+  """(`module`'s learned position embedding [1, gh*gw, width], its stored grid (gh, gw)).
 
-  Stored at `grid` (g or (h, w)) when given, else at the grid seen at init; another grid
-  at apply gets it resampled (mmcl.models.posemb). A stored grid must be square unless
-  `grid` gives it.
+  Stored at `grid` (g or (h, w)) when given, else at the grid seen at init (`hw`); a stored
+  grid must be square unless `grid` gives it or it is `hw`.
   """
   h, w = hw
   if grid is not None:
@@ -70,9 +71,50 @@ def position_embedding(module: nn.Module, hw: tuple[int, int], width: int, grid=
     gh, gw = h, w
   pos_1xNxD = module.param(name, nn.initializers.normal(stddev=1 / math.sqrt(width)),
                            (1, gh * gw, width), transformer.PARAM_DTYPE)
-  if (gh, gw) != (h, w):
-    pos_1xNxD = posemb_lib.resample(pos_1xNxD, (h, w), (gh, gw), method)
+  return pos_1xNxD, (gh, gw)
+
+
+def position_embedding(module: nn.Module, hw: tuple[int, int], width: int, grid=None,
+                       method: str = 'bilinear', name: str = 'pos_embedding'):
+  """`module`'s learned position embedding [1, h*w, width] for an (h, w) patch grid.
+
+  Stored at `grid` (g or (h, w)) when given, else at the grid seen at init; another grid
+  at apply gets it resampled (mmcl.models.posemb). A stored grid must be square unless
+  `grid` gives it.
+  """
+  pos_1xNxD, stored = stored_position_embedding(module, hw, width, grid, name)
+  if stored != tuple(hw):
+    pos_1xNxD = posemb_lib.resample(pos_1xNxD, tuple(hw), stored, method)
   return pos_1xNxD
+
+
+def embed_naflex(module: nn.Module, patches: Mapping, patch_size: int, width: int, dtype,
+                 grid=None, method: str = 'bilinear'):
+  """NaFlex tokens of `module` (inside its compact method): (x [B, L, width] with each
+  image's position embedding resampled to its own grid, valid [B, L] bool).
+
+  `patches`: the batch's patch dict (mmcl/data/pp_naflex.py: 'image' [B, L, p*p*3] and
+  the `naflex.KEYS`). The embedding is the conv's parameter 'embedding' applied as a
+  Dense, so one checkpoint serves both input modes; the position embedding is stored at
+  `grid`, else at the stored grid, else (init) at the square grid isqrt(L).
+  """
+  missing = [k for k in ('image', *naflex.KEYS) if k not in patches]
+  if missing:
+    raise ValueError(f'ViT NaFlex input lacks {missing} (has {sorted(patches)}); make it '
+                     'with the pp op patchify_naflex.')
+  x_BxLxP = patches['image']
+  _, length, dim = x_BxLxP.shape
+  if dim != patch_size * patch_size * 3:
+    raise ValueError(f'ViT NaFlex patches have {dim} values, expected patch_size^2 x 3 = '
+                     f'{patch_size * patch_size * 3}: patchify_naflex(patch_size=...) must '
+                     f'match the ViT patch size {patch_size}.')
+  x_BxLxD = naflex.PatchDense(width, patch_size, dtype=dtype, name='embedding')(x_BxLxP)
+  side = math.isqrt(length)
+  pos_1xNxD, stored = stored_position_embedding(module, (side, side), width, grid)
+  pos_BxLxD = naflex.posemb_per_image(pos_1xNxD, patches[naflex.GRID],
+                                      patches[naflex.ROWS], patches[naflex.COLS],
+                                      max_grid=length, old_grid=stored, method=method)
+  return x_BxLxD + pos_BxLxD.astype(dtype), patches[naflex.MASK].astype(bool)
 
 
 class ViT(nn.Module):
@@ -138,26 +180,41 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, image_BxHxWx3, *, train: bool = False, token_mask_BxN=None,
                mask_token_D=None):
-    """token_mask_BxN (bool, optional): patches replaced by `mask_token_D` before the
+    """image_BxHxWx3: images, or NaFlex's patch dict (mmcl/models/naflex.py: patches
+    [B, L, p*p*3] under 'image', their grid positions and mask; docs/resolution.md), whose
+    padding tokens no token attends to and pooling skips.
+    token_mask_BxN (bool, optional): patches replaced by `mask_token_D` before the
     position embeddings are added (TIPS / iBOT masked prediction); None: no masking."""
     hp = self.hparams()
     dtype = transformer.canonical_dtype(self.dtype)
     p, d = hp['patch_size'], hp['width']
     out = {}
 
-    x = embed_patches(self, image_BxHxWx3, p, d, dtype, self.apply_patch_size)
-    b, h, w, _ = x.shape
-    x_BxNxD = jnp.reshape(x, (b, h * w, d))
-    if token_mask_BxN is not None:
-      if mask_token_D is None:
-        raise ValueError('ViT token_mask_BxN needs mask_token_D (the learned mask token).')
-      x_BxNxD = jnp.where(token_mask_BxN[:, :, None], mask_token_D[None, None, :].astype(dtype),
-                          x_BxNxD)
-    pos_1xNxD = position_embedding(self, (h, w), d, self.posemb_grid, self.posemb_resample)
-    x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
-    if train and self.patch_dropout > 0:  # FLIP; before the class token, so it always stays.
-      x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
-                                               self.make_rng('dropout'))
+    valid_BxN = None  # NaFlex: the real (not padding) tokens.
+    if isinstance(image_BxHxWx3, Mapping):
+      unsupported = {'apply_patch_size': self.apply_patch_size is not None,
+                     'token_mask_BxN': token_mask_BxN is not None,
+                     'patch_dropout (in training)': train and self.patch_dropout > 0}
+      if any(unsupported.values()):
+        raise ValueError(f'ViT NaFlex input does not combine with '
+                         f'{[k for k, v in unsupported.items() if v]}.')
+      x_BxNxD, valid_BxN = embed_naflex(self, image_BxHxWx3, p, d, dtype, self.posemb_grid,
+                                        self.posemb_resample)
+      b = x_BxNxD.shape[0]
+    else:
+      x = embed_patches(self, image_BxHxWx3, p, d, dtype, self.apply_patch_size)
+      b, h, w, _ = x.shape
+      x_BxNxD = jnp.reshape(x, (b, h * w, d))
+      if token_mask_BxN is not None:
+        if mask_token_D is None:
+          raise ValueError('ViT token_mask_BxN needs mask_token_D (the learned mask token).')
+        x_BxNxD = jnp.where(token_mask_BxN[:, :, None],
+                            mask_token_D[None, None, :].astype(dtype), x_BxNxD)
+      pos_1xNxD = position_embedding(self, (h, w), d, self.posemb_grid, self.posemb_resample)
+      x_BxNxD = x_BxNxD + pos_1xNxD.astype(dtype)
+      if train and self.patch_dropout > 0:  # FLIP; before the class token, so it always stays.
+        x_BxNxD = patch_dropout_lib.drop_patches(x_BxNxD, self.patch_dropout,
+                                                 self.make_rng('dropout'))
 
     use_cls = self.pool == 'tok' if self.class_token is None else (
         self.class_token)
@@ -166,6 +223,8 @@ class ViT(nn.Module):
                              transformer.PARAM_DTYPE)
       cls_Bx1xD = jnp.tile(cls_1x1xD, (b, 1, 1)).astype(dtype)
       x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
+      if valid_BxN is not None:
+        valid_BxN = jnp.concatenate([jnp.ones((b, 1), bool), valid_BxN], axis=1)
 
     if self.pre_norm:
       x_BxNxD = nn.LayerNorm(epsilon=self.ln_eps, dtype=dtype,
@@ -175,7 +234,8 @@ class ViT(nn.Module):
         depth=hp['depth'], mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'],
         dropout=self.dropout, remat=self.remat, dtype=dtype, act=self.act,
         ln_eps=self.ln_eps, scan=self.scan, moe=self.moe, mesh=self.mesh,
-        name='Transformer')(x_BxNxD, deterministic=not train, modality='image')
+        name='Transformer')(x_BxNxD, None if valid_BxN is None else naflex.attention_mask(
+            valid_BxN), deterministic=not train, modality='image', valid_BxL=valid_BxN)
     if self.moe is not None:
       out['aux_loss'], out['metrics'] = aux['loss'], aux['metrics']
     out['encoded'] = x_BxNxD
@@ -184,11 +244,12 @@ class ViT(nn.Module):
       x_BxD = x_BxNxD[:, 0]
     elif self.pool == 'gap':
       # Average over patch tokens only; the class token (if any) is skipped.
-      x_BxD = jnp.mean(x_BxNxD[:, int(use_cls):], axis=1)
+      x_BxD = (jnp.mean(x_BxNxD[:, int(use_cls):], axis=1) if valid_BxN is None else
+               naflex.masked_mean(x_BxNxD[:, int(use_cls):], valid_BxN[:, int(use_cls):]))
     else:  # 'map'
       x_BxD = transformer.MAPHead(
           mlp_dim=hp['mlp_dim'], num_heads=hp['num_heads'], dtype=dtype,
-          name='MAPHead_0')(x_BxNxD)
+          name='MAPHead_0')(x_BxNxD, valid_BxN)
     out['pre_logits'] = x_BxD
 
     if self.num_classes is not None:

@@ -24,6 +24,7 @@ from mmcl.train import metrics as metrics_lib
 from mmcl.train import model_init
 from mmcl.train import distill as distill_lib
 from mmcl.train import ema as ema_lib
+from mmcl.train import naflex_input
 from mmcl.train import optim, profile, run_info, step as step_lib
 from mmcl.train import throughput, wandb_run
 from mmcl.train import validate as validate_lib
@@ -37,6 +38,9 @@ def _batch_shapes(config, mesh, distill=None) -> dict:
   sharding = mesh_lib.batch_sharding(mesh)
   shapes = {'image': jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding),
             'text': jax.ShapeDtypeStruct((b, config.text_len), np.int32, sharding=sharding)}
+  if naflex_input.budget(config):  # The patch dict instead of [B, H, W, 3] images.
+    shapes.update({k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sharding)
+                   for k, (shape, dtype) in naflex_input.example_shapes(config).items()})
   if distill is not None:  # The extra views, sharded over the batch axes like `image`.
     shapes.update({k: jax.ShapeDtypeStruct((b, *shape), np.float32, sharding=sharding)
                    for k, shape in distill_lib.view_shapes(config, distill).items()})
@@ -149,17 +153,30 @@ def _data_shards(config) -> int:
 def train_dataset(config, seed: int, shard: int = 0, shards: int = 1):
   """One data shard's training stream (tf.data batches of batch_size // shards), as
   `make_batches` reads it: records carry their `_index`, and wrong shapes are dropped."""
-  size = config.image_size
   return input_pipeline.get_dataset(
       name=tuple(map(tuple, config.input.mixture)) or config.input.name,
-      split=config.input.split,
-      pp=input_pipeline.format_pp(config.input.pp, config),
+      split=config.input.split, pp=train_pp(config),
       batch_size=config.batch_size, data_dir=config.get('data_dir'), train=True,
       shuffle_buffer=config.input.shuffle_buffer, seed=seed, process_index=shard,
       process_count=shards, cache=config.input.cache, with_index=True,
-      shapes={'image': (size, size, 3), 'text': (config.text_len,), **_decoder_shapes(config)},
+      shapes=_example_shapes(config),
       max_dropped_in_a_row=config.input.get('max_dropped_in_a_row', 10_000),
       source_options=config.input.get('csv'))
+
+
+def train_pp(config) -> str:
+  """config.input.pp, filled in, and ending with the NaFlex patchify op under config.naflex."""
+  pp = input_pipeline.format_pp(config.input.pp, config)
+  return naflex_input.train_pp(pp, config) if naflex_input.budget(config) else pp
+
+
+def _example_shapes(config) -> dict:
+  """{key: shape} of one training example: what the stream keeps."""
+  size = config.image_size
+  shapes = {'image': (size, size, 3), 'text': (config.text_len,), **_decoder_shapes(config)}
+  if naflex_input.budget(config):
+    shapes.update({k: s for k, (s, _) in naflex_input.example_shapes(config).items()})
+  return shapes
 
 
 def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
@@ -168,7 +185,10 @@ def make_batches(config, mesh, seed: int) -> input_pipeline.ShardedBatches:
   per_process = shards // jax.process_count()
   first = jax.process_index() * per_process
   size = config.image_size
-  hint = (f'Records are kept with image {(size, size, 3)} (config.image_size={size}) and '
+  image = (f'NaFlex patches {_example_shapes(config)["image"]} (config.naflex.budget)'
+           if naflex_input.budget(config) else
+           f'image {(size, size, 3)} (config.image_size={size})')
+  hint = (f'Records are kept with {image} and '
           f'text ({config.text_len},) (config.text_len); check config.input.name='
           f'{config.input.name!r}, config.input.pp and the files it reads.')
   return input_pipeline.ShardedBatches(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmcl.models import naflex
 from mmcl.parallel import partition
 from mmcl.train import distill as distill_lib
 from mmcl.train import grad_cache
@@ -22,9 +23,9 @@ from mmcl.train import grad_cache
 
 def init_params(model: nn.Module, rng, batch_shapes, distill=None) -> dict:
   """The model's parameters, and the self-distillation heads under params['self_distill']."""
-  image = jnp.zeros(batch_shapes['image'].shape, batch_shapes['image'].dtype)
-  text = jnp.zeros(batch_shapes['text'].shape, batch_shapes['text'].dtype)
-  params = model.init({'params': rng}, image, text, train=False)['params']
+  zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
+  params = model.init({'params': rng}, naflex.patch_dict(zeros), zeros['text'],
+                      train=False)['params']
   if distill is not None:
     params = {**params, distill_lib.KEY: distill.init_params(jax.random.fold_in(rng, 1))}
   return params
@@ -79,7 +80,8 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
   extras = {name: batch[key] for name, key in (loss_extras or {}).items()}
 
   def embed(params, batch, rng):
-    zimg, ztxt, out = model.apply({'params': params}, batch['image'], batch['text'],
+    # The images, or under NaFlex the patch dict (mmcl/models/naflex.py).
+    zimg, ztxt, out = model.apply({'params': params}, naflex.patch_dict(batch), batch['text'],
                                   train=True, rngs={'dropout': rng},
                                   **{k: batch[k] for k in model_inputs})
     heads = {'t': out['t'] if temperature is None else temperature(state['step'], out['t'])}

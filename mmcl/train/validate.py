@@ -12,6 +12,7 @@ from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import partition
 from mmcl.train import distill as distill_lib
 from mmcl.train import ema as ema_lib
+from mmcl.train import naflex_input
 from mmcl.train import optim
 from mmcl.train import variants
 
@@ -44,6 +45,7 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
     raise ValueError(f'config.total_steps={config.total_steps} must be positive.')
   models.get_model(config.model)  # Unknown model names, variants and fields.
   variants.check(config)  # unmasked_from_step, flexi_patch_sizes.
+  naflex_input.check(config)
   spec = losses.get_loss(config.loss.name, config.loss.impl)
   if spec.needs_bias and config.model.get('bias_init') is None:
     raise ValueError(f'config.loss.name={config.loss.name!r} needs a learned bias: set '
@@ -92,8 +94,10 @@ def check_batch(batch: dict, expected: dict, loss_extras=None):
                        'check config.input.pp.')
     got = batch[key]
     if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-      hint = {'image': 'config.image_size', 'text': 'config.text_len'}.get(
+      hint = {'image': 'config.naflex.budget' if 'patch_mask' in expected else
+                       'config.image_size', 'text': 'config.text_len'}.get(
           key, 'config.model.decoder.max_len' if key.startswith('dec_') else
+          'config.naflex.budget' if key.startswith('patch_') else
           'config.self_distill (global_size, local_size, num_local)')
       raise ValueError(f'Batch {key!r} has shape {tuple(got.shape)} {got.dtype}, expected '
                        f'{tuple(want.shape)} {want.dtype}: check {hint} and config.input.pp.')
