@@ -19,10 +19,10 @@ One call sees one modality (LIMoE runs images and texts through the encoder sepa
 so the entropy losses and metrics are per modality by construction.
 
 Expert parallelism: when the mesh the model is given (its `mesh` field, from `setup`) has an
-`expert` axis of size n > 1, the layer runs in one `shard_map` over all mesh axes: each device routes its own
-tokens (groups never cross devices), sends each expert's buffers to the device holding
-that expert with `all_to_all` over the expert axis, applies its E/n experts and sends the
-results back. Expert weights are sharded over the expert axis (rules in configs/limoe_*),
+`expert` axis of size n > 1, the layer runs in one `shard_map` over all mesh axes: each device
+routes its own tokens (groups never cross devices), sends each expert's buffers to the
+device holding that expert with `all_to_all` over the expert axis, applies its E/n experts
+and sends the results back. Expert weights are sharded over the expert axis (rules in configs/limoe_*),
 the batch over the batch axes (data, fsdp, expert). Without such a mesh it is plain code
 (and the compiler partitions it from the parameter shardings). The mesh is an argument, never
 read from the ambient `jax.set_mesh`, so one config compiles one program wherever it is built.

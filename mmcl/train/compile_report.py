@@ -275,7 +275,8 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
   if minimum['total'] and out['slices'] == 1:  # A slice's program holds no DCN exchange.
     out['comm']['excess'] = round(wire / minimum['total'] - 1, 4)
     out['comm']['excess_unexplained'] = round((wire - lowered) / minimum['total'] - 1, 4)
-    if out['comm']['excess_unexplained'] > EXCESS_TOLERANCE:  # E.g. a parameter sharded over a batch axis.
+    # E.g. a parameter sharded over a batch axis.
+    if out['comm']['excess_unexplained'] > EXCESS_TOLERANCE:
       top = sorted(colls, key=lambda c: -c.wire_bytes * c.executions)[:3]
       out['comm']['problem'] = (
           f"{out['comm']['excess']:.1%} more wire bytes than the analytic minimum; largest: " +

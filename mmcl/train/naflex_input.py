@@ -2,8 +2,9 @@
 to images at their own aspect ratio, each as up to L patches.
 
 The input pipeline then ends with `patchify_naflex(p, L)` (mmcl/data/pp_naflex.py; p the
-image tower's patch size; before a trailing keep(), which keeps the patch keys too), so the batch holds patches [B, L, p*p*3] under 'image' and their
-positions and mask; the train step passes that patch dict to the ViT (mmcl/models/vit.py).
+image tower's patch size; placed before a trailing keep(), which keeps the patch keys too),
+so the batch holds patches [B, L, p*p*3] under 'image' and their positions and mask; the
+train step passes that patch dict to the ViT (mmcl/models/vit.py).
 The rest of config.input.pp should not resize to a square, or the aspect ratio is gone.
 """
 import numpy as np
