@@ -13,8 +13,7 @@ from mmcl.train import loop
 def _compile(config):
   """(parameter shapes, compiled train step) of `config`, from shapes only."""
   s = loop.setup(config)
-  return s.abstract_state['params'], s.train_step.lower(s.sharded_abstract_state(),
-                                                        s.batch_shapes).compile()
+  return s.abstract_state['params'], s.compile()
 
 
 def _dp_config(text_pool=None):

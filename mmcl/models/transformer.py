@@ -265,9 +265,9 @@ class Encoder(nn.Module):
     """`modality` and `valid_BxL`: see moe.moe_apply (MoE layers only)."""
     if modality not in moe_lib.MODALITIES:
       raise ValueError(f'Unknown modality {modality!r}; valid: {moe_lib.MODALITIES}')
-    check_scan(self.moe, self.depth, self.scan)
-    sparse = moe_layers(self.moe, self.depth)
     spec = None if self.moe is None else moe_lib.MoeSpec.make(self.moe)
+    check_scan(spec, self.depth, self.scan)
+    sparse = moe_layers(spec, self.depth)
     # `deterministic` and `modality` (args 3 and 4, counting self) are static.
     block_cls = remat_block(EncoderBlock, self.remat, static_argnums=(3, 4))
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,

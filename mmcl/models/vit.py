@@ -66,7 +66,8 @@ def stored_position_embedding(module: nn.Module, hw: tuple[int, int], width: int
     gh, gw = posemb_lib.as_grid(grid)
   elif module.has_variable('params', name):  # Apply: the stored grid.
     n = module.get_variable('params', name).shape[1]
-    gh, gw = (h, w) if n == h * w else posemb_lib.square_grid(n, f'{type(module).__name__} {name}')
+    what = f'{type(module).__name__} {name}'
+    gh, gw = (h, w) if n == h * w else posemb_lib.square_grid(n, what)
   else:  # Init: this image's grid.
     gh, gw = h, w
   pos_1xNxD = module.param(name, nn.initializers.normal(stddev=1 / math.sqrt(width)),
