@@ -3,6 +3,9 @@ prediction's masking, the padding-free loss, box tokens, beam search vs exhausti
 the decoder_tasks pp op, and a short SigLIP 2 (sigmoid + LocCa) run whose losses fall."""
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from mmcl.models import decoder as decoder_lib
 from mmcl.models import generate
 from mmcl.models import two_towers
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, L, N, E = 11, 6, 5, 24  # vocab, decoder length, image tokens, image width
 
 
@@ -312,6 +316,55 @@ def test_siglip2_tiny_run_losses_fall(shapes_data_dir, tmp_path):
   assert np.mean(sig[-5:]) < np.mean(sig[:5]), sig
   for k in ('caption/exact', 'caption/token_acc', 'aref/acc', 'gcap/acc'):
     assert 0.0 <= final[f'captioning/mmcl_shapes/{k}'] <= 1.0
+
+  # The picture's outputs are the evaluator's: the same greedy answers it prints.
+  from mmcl import evaluate
+  from mmcl.evaluate import caption_plot
+  from mmcl.train import checkpoint_eval
+  model, mesh, params, _ = checkpoint_eval.restore_params(c, str(tmp_path))
+  evaluator, _ = evaluate.build_evaluators(c, evaluate.Predictor(model, mesh))['captioning']
+  evaluator.show = 3
+  evaluator.run(params)
+  rows = caption_plot.outputs(evaluator, params, 3)
+  assert len(rows) == 3
+  for row, shown in zip(rows, evaluator.shown):
+    assert row['cap'] == shown['cap'] and row['gcap'] == shown['gcap']
+    np.testing.assert_allclose(row['aref'], shown['aref'], atol=1e-3)
+    np.testing.assert_allclose(row['box'], shown['box'], atol=1e-3)
+    assert row['image'].shape == (64, 64, 3) and row['caption'] == shown['captions[0]']
+  # The CLI draws the same checkpoint.
+  out = tmp_path / 'captions.png'
+  cmd = [sys.executable, os.path.join(ROOT, 'tools', 'caption_figure.py'),
+         f'--config={os.path.join(ROOT, "configs", "siglip2_demo.py")}:tiny',
+         f'--workdir={tmp_path}', f'--out={out}', '--num=2', f'--config.data_dir={shapes_data_dir}',
+         '--config.evals.captioning.split=test[:16]']
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f'image 1: caption: {rows[1]["caption"]}' in done.stdout
+  assert f"cap: {rows[1]['cap']}" in done.stdout
+  assert plt_image(out).shape[2] in (3, 4)
+
+
+def plt_image(path):
+  import matplotlib.image
+  return matplotlib.image.imread(str(path))
+
+
+def test_caption_plot_draws_true_and_predicted_boxes_where_they_are(tmp_path):
+  from mmcl.evaluate import caption_plot
+  # A black image, the true box on its left half, the predicted one on the right half.
+  row = dict(image=-np.ones((64, 64, 3), np.float32), caption='a cat', region='cat',
+             box=np.array([0.1, 0.05, 0.9, 0.45]), aref=np.array([0.1, 0.55, 0.9, 0.95]),
+             cap='a dog', gcap='dog')
+  img = plt_image(caption_plot.draw([row], str(tmp_path / 'p.png'), columns=1))[..., :3]
+  green = (img[..., 1] > 0.6) & (img[..., 0] < 0.4) & (img[..., 2] < 0.4)
+  red = (img[..., 0] > 0.6) & (img[..., 1] < 0.4) & (img[..., 2] < 0.4)
+  _, gx = np.nonzero(green)
+  _, rx = np.nonzero(red)
+  assert green.sum() > 50 and red.sum() > 50
+  # Every red pixel is right of every green one (the boxes do not overlap).
+  assert gx.max() < rx.min()
 
 
 def test_shapes_boxes_and_region_captions(shapes_data_dir):

@@ -8,7 +8,8 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('name,images', [('zero_shot', 2), ('new_loss', 1), ('geometry', 1)])
+@pytest.mark.parametrize('name,images', [('zero_shot', 2), ('new_loss', 1), ('geometry', 1),
+                                         ('siglip2', 2)])
 def test_notebook_runs_and_shows_its_plots(name, images, shapes_data_dir, tmp_path, monkeypatch):
   monkeypatch.setenv('MMCL_NOTEBOOK_SMALL', '1')
   monkeypatch.setenv('MMCL_DATA_DIR', shapes_data_dir)

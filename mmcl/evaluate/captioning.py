@@ -114,62 +114,77 @@ class CaptioningEvaluator:
   def _text(self, ids):
     return self.tok.detokenize(np.asarray(ids + [self.tok.eos_id], np.int32))
 
+  def batches(self):
+    """The split's batches as (images, captions per image, first regions, first boxes)."""
+    for batch in self._ds.as_numpy_iterator():
+      yield self._examples(batch)
+
+  def _examples(self, batch):
+    images = batch.pop('image')
+    feats = predict.flat_features(batch)
+    n = len(images)
+    captions = [[_str(c) for c in cs] for cs in feats[self.keys['captions']]]
+    regions = [_str(r[0]) if len(r) else '' for r in feats.get(self.keys['regions'], [[]] * n)]
+    boxes = [np.asarray(b, np.float64).reshape(-1, 4)[0] if len(b) else np.zeros(4)
+             for b in feats.get(self.keys['boxes'], [[]] * n)]
+    return images, captions, regions, boxes
+
+  def generate(self, params, images, regions, boxes) -> dict[str, list[list[int]]]:
+    """Each task's generated answer tokens (without EOS) for the given first objects."""
+    out = {}
+    for task in self.tasks:
+      prompt, start, stop = self._prompts(task, regions, boxes)
+      seq = np.asarray(self._generate(params, *self._pad(images, prompt, start, stop),
+                                      task == 'aref'))[:len(images)]
+      out[task] = [self._answer(seq[i], start[i]) for i in range(len(images))]
+    return out
+
+  def decode(self, task: str, answer: list[int]):
+    """An answer's meaning: a normalised (y0, x0, y1, x1) box for aref, else its text."""
+    if task != 'aref':
+      return self._text(answer)
+    padded = (answer + [self.tok.vocab_size] * tasks_lib.BOX_TOKENS)[:tasks_lib.BOX_TOKENS]
+    return tasks_lib.tokens_to_box(np.asarray([padded]), self.num_bins, self.tok.vocab_size)[0]
+
   def run(self, params) -> dict[str, float]:
     hits = {k: [] for k in ('caption/exact', 'caption/token_acc', 'aref/acc', 'aref/iou',
                             'gcap/acc')}
     shown = []
-    for batch in self._ds.as_numpy_iterator():
-      images = batch.pop('image')
-      feats = predict.flat_features(batch)
+    for images, captions, regions, boxes in self.batches():
       n = len(images)
-      captions = [[c.decode() if isinstance(c, bytes) else str(c) for c in cs]
-                  for cs in feats[self.keys['captions']]]
-      regions = [(r[0].decode() if isinstance(r[0], bytes) else str(r[0])) if len(r) else ''
-                 for r in feats.get(self.keys['regions'], [[]] * n)]
-      boxes = [np.asarray(b, np.float64).reshape(-1, 4)[0] if len(b) else np.zeros(4)
-               for b in feats.get(self.keys['boxes'], [[]] * n)]
-      out = {}
-      for task in self.tasks:
-        prompt, start, stop = self._prompts(task, regions, boxes)
-        padded = self._pad(images, prompt, start, stop)
-        seq = np.asarray(self._generate(params, *padded, task == 'aref'))[:n]
-        out[task] = [self._answer(seq[i], start[i]) for i in range(n)]
-        if task == 'cap':
-          prefix = tasks_lib.prompt(self.tok, 'cap')
-          refs = [[list(tasks_lib.sequence(prefix, tasks_lib.text_ids(self.tok, c), self.length,
-                                           self.tok.eos_id)[0]) for c in cs] for cs in captions]
-          for i in range(n):
-            got = self._answer(seq[i], start[i]) + [self.tok.eos_id]
-            hits['caption/exact'].append(any(
-                got == [t for t in r[len(prefix):] if t != tokenizers.PAD_ID] for r in refs[i]))
-          first = np.stack([np.asarray(r[0], np.int32) for r in refs])
-          mask = np.stack([tasks_lib.sequence(prefix, tasks_lib.text_ids(self.tok, cs[0]),
-                                              self.length, self.tok.eos_id)[1]
-                           for cs in captions])
-          pred = np.asarray(self._teacher(params, *self._pad(images, first)))[:n]
-          hits['caption/token_acc'].extend(np.sum((pred == first) * mask, 1) / mask.sum(1))
-        elif task == 'aref':
-          got = np.stack([(a + [self.tok.vocab_size] * 4)[:4] for a in out[task]])
-          ious = tasks_lib.iou(tasks_lib.tokens_to_box(got, self.num_bins, self.tok.vocab_size),
-                               np.stack(boxes))
-          hits['aref/iou'].extend(ious)
-          hits['aref/acc'].extend(ious >= 0.5)
-        else:
-          hits['gcap/acc'].extend(self._text(a) == r for a, r in zip(out[task], regions))
+      out = self.generate(params, images, regions, boxes)
+      if 'cap' in out:
+        prefix = tasks_lib.prompt(self.tok, 'cap')
+        refs = [[tasks_lib.sequence(prefix, tasks_lib.text_ids(self.tok, c), self.length,
+                                    self.tok.eos_id) for c in cs] for cs in captions]
+        for answer, image_refs in zip(out['cap'], refs):
+          got = answer + [self.tok.eos_id]
+          hits['caption/exact'].append(any(
+              got == [t for t in r[len(prefix):] if t != tokenizers.PAD_ID] for r, _ in image_refs))
+        first = np.stack([r[0][0] for r in refs]).astype(np.int32)
+        mask = np.stack([r[0][1] for r in refs])
+        pred = np.asarray(self._teacher(params, *self._pad(images, first)))[:n]
+        hits['caption/token_acc'].extend(np.sum((pred == first) * mask, 1) / mask.sum(1))
+      if 'aref' in out:
+        ious = tasks_lib.iou(np.stack([self.decode('aref', a) for a in out['aref']]),
+                             np.stack(boxes))
+        hits['aref/iou'].extend(ious)
+        hits['aref/acc'].extend(ious >= 0.5)
+      if 'gcap' in out:
+        hits['gcap/acc'].extend(self._text(a) == r for a, r in zip(out['gcap'], regions))
       for i in range(min(n, self.show - len(shown))):
         line = {'captions[0]': captions[i][0], 'region': regions[i],
                 'box': np.round(boxes[i], 3).tolist()}
-        if 'cap' in out:
-          line['cap'] = self._text(out['cap'][i])
-        if 'aref' in out:
-          a = (out['aref'][i] + [self.tok.vocab_size] * 4)[:4]
-          line['aref'] = np.round(tasks_lib.tokens_to_box(
-              np.asarray([a]), self.num_bins, self.tok.vocab_size)[0], 3).tolist()
-        if 'gcap' in out:
-          line['gcap'] = self._text(out['gcap'][i])
+        for task, answers in out.items():
+          value = self.decode(task, answers[i])
+          line[task] = value if task != 'aref' else np.round(value, 3).tolist()
         shown.append(line)
     self.shown = shown
     for i, line in enumerate(shown):
       print(f'{self.name} test image {i}: ' + '; '.join(f'{k}: {v}' for k, v in line.items()),
             flush=True)
     return {f'captioning/{self.name}/{k}': float(np.mean(v)) for k, v in hits.items() if v}
+
+
+def _str(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)

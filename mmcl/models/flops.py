@@ -5,8 +5,10 @@ attention scores/values of each encoder block, patch embedding, pooling heads, o
 and for MoE layers the router, the dispatch/combine einsums and the experts at capacity.
 Element-wise work (LayerNorm, GELU, softmax, the optimizer) is left out: XLA's count is a few
 percent higher. A train step is 3x the forward (weight and input gradients), except the
-patch embedding, whose input needs no gradient (2x). `mmcl.models.summarize` gives XLA's
-forward count of the built model; tests compare the two.
+patch embedding, whose input needs no gradient (2x). A train step also counts what only
+training runs: FLIP patch dropout's fewer image tokens and the captioning decoder (SigLIP 2's
+self-distillation passes are not counted). `mmcl.models.summarize` gives XLA's forward count
+of the built model; tests compare the two.
 """
 import math
 from typing import Any
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from mmcl import models
+from mmcl.models import decoder as decoder_lib
 from mmcl.models import moe as moe_lib
+from mmcl.models import patch_dropout
 from mmcl.models import text as text_lib
 from mmcl.models import vit
 
@@ -66,9 +70,16 @@ def _map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
   return b['attention'] + b['mlp']
 
 
-def two_towers_forward(model: Any, image_size: int, text_len: int) -> dict[str, float]:
-  """{'image', 'text', 'patch_embedding'} forward FLOPs per example of a TwoTowers config
-  ('image' includes its patch embedding)."""
+def _kept(patches: int, ratio, train: bool) -> int:
+  """Image tokens after FLIP patch dropout (training only)."""
+  return patch_dropout.kept_count(patches, ratio) if train and ratio else patches
+
+
+def two_towers_forward(model: Any, image_size: int, text_len: int,
+                       train: bool = False) -> dict[str, float]:
+  """{'image', 'text', 'decoder', 'patch_embedding'} forward FLOPs per example of a TwoTowers
+  config ('image' includes its patch embedding). `train`: the training forward (patch
+  dropout's kept tokens; the decoder, else 0)."""
   m = _plain(model)
   embed = m.get('embed_dim', 512)
   img = _plain(m.get('image'))
@@ -78,10 +89,11 @@ def two_towers_forward(model: Any, image_size: int, text_len: int) -> dict[str, 
   patches = (image_size // p)**2
   pool = img.get('pool', 'gap')
   cls = pool == 'tok' if img.get('class_token') is None else img['class_token']
-  tokens = patches + int(bool(cls))
+  tokens = _kept(patches, img.get('patch_dropout'), train) + int(bool(cls))
   patch = 2 * patches * p * p * 3 * d
   image = patch + encoder_flops(tokens, d, hp['depth'], hp['mlp_dim'], img.get('moe'))
   image += (_map_head_flops(tokens, d, hp['mlp_dim']) if pool == 'map' else 0) + 2 * d * embed
+  image_width = d
 
   txt = _plain(m.get('text'))
   hp = text_lib.resolve_hparams(txt.get('variant'), txt.get('width'), txt.get('depth'),
@@ -90,11 +102,26 @@ def two_towers_forward(model: Any, image_size: int, text_len: int) -> dict[str, 
   text = encoder_flops(text_len, d, hp['depth'], hp['mlp_dim'], txt.get('moe'))
   text += (_map_head_flops(text_len, d, hp['mlp_dim']) if txt.get('pool') == 'map' else 0)
   text += 2 * d * embed
-  return {'image': image, 'text': text, 'patch_embedding': patch}
+  dec = _plain(m.get('decoder')) if train and m.get('decoder') else None
+  decoder = decoder_forward(dec, tokens, image_width) if dec else 0.0
+  return {'image': image, 'text': text, 'decoder': decoder, 'patch_embedding': patch}
 
 
-def limoe_forward(model: Any, image_size: int, text_len: int,
-                  local_batch: int = 1024) -> dict[str, float]:
+def decoder_forward(dec: dict, image_tokens: int, image_width: int) -> float:
+  """Forward FLOPs per example of a TextDecoder config over `image_tokens` image tokens:
+  causal self-attention and MLP blocks, cross-attention (keys and values projected from the
+  image width), and the vocabulary head."""
+  hp = decoder_lib.TextDecoder(**dec).hparams()
+  length, w = dec.get('max_len', 64), hp['width']
+  block = block_flops(length, w, hp['mlp_dim'])
+  cross = 2 * length * w * w * 2 + 2 * image_tokens * image_width * w * 2
+  cross += 2 * length * image_tokens * w * 2
+  return hp['depth'] * (block['attention'] + block['mlp'] + cross) + 2 * length * w * dec[
+      'vocab_size']
+
+
+def limoe_forward(model: Any, image_size: int, text_len: int, local_batch: int = 1024,
+                  train: bool = False) -> dict[str, float]:
   """Like two_towers_forward for a LIMoE config: one shared encoder over both modalities.
   Routing groups are taken over `local_batch` examples (a device's share), as in training."""
   m = _plain(model)
@@ -103,13 +130,14 @@ def limoe_forward(model: Any, image_size: int, text_len: int,
   d, p, embed, moe = hp['width'], hp['patch_size'], m.get('embed_dim', 512), m.get('moe')
   spec = moe_lib.MoeSpec.make(moe)
   out = {'patch_embedding': 2 * (image_size // p)**2 * p * p * 3 * d}
-  for name, tokens in (('image', (image_size // p)**2), ('text', text_len)):
+  image_tokens = _kept((image_size // p)**2, m.get('patch_dropout'), train)
+  for name, tokens in (('image', image_tokens), ('text', text_len)):
     group = moe_lib.group_size_for(local_batch * tokens, spec.group_size)
     out[name] = encoder_flops(tokens, d, hp['depth'], hp['mlp_dim'], moe, group) + 2 * d * embed
   out['image'] += out['patch_embedding']
   if m.get('image_pool') == 'map':
-    out['image'] += _map_head_flops((image_size // p)**2, d, hp['mlp_dim'])
-  return out
+    out['image'] += _map_head_flops(image_tokens, d, hp['mlp_dim'])
+  return {**out, 'decoder': 0.0}
 
 
 def loss_forward(global_batch: int, embed_dim: int, directions: int = 2) -> float:
@@ -119,19 +147,20 @@ def loss_forward(global_batch: int, embed_dim: int, directions: int = 2) -> floa
 
 def train_step_flops(model: Any, image_size: int, text_len: int, global_batch: int,
                      local_batch: int | None = None) -> dict[str, float]:
-  """Per-example FLOPs of a train step: {'forward', 'train', 'image', 'text', 'loss'}.
+  """Per-example FLOPs of a train step: {'forward', 'train', 'image', 'text', 'decoder',
+  'loss'} (the towers' training forward: patch dropout's kept tokens, the decoder).
 
-  train = 3 x (towers + logits) - the patch embedding's input gradient.
+  train = 3 x (towers + decoder + logits) - the patch embedding's input gradient.
   """
   m = _plain(model)
   if m.get('name', 'two_towers') == 'limoe':
-    fwd = limoe_forward(m, image_size, text_len, local_batch or global_batch)
+    fwd = limoe_forward(m, image_size, text_len, local_batch or global_batch, train=True)
   else:
-    fwd = two_towers_forward(m, image_size, text_len)
+    fwd = two_towers_forward(m, image_size, text_len, train=True)
   loss = loss_forward(global_batch, m.get('embed_dim', 512))
-  forward = fwd['image'] + fwd['text'] + loss
+  forward = fwd['image'] + fwd['text'] + fwd['decoder'] + loss
   return {'forward': forward, 'train': 3 * forward - fwd['patch_embedding'],
-          'image': fwd['image'], 'text': fwd['text'], 'loss': loss}
+          'image': fwd['image'], 'text': fwd['text'], 'decoder': fwd['decoder'], 'loss': loss}
 
 
 def param_count(model: Any, image_size: int, text_len: int) -> int:
