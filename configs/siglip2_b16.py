@@ -12,7 +12,8 @@ captioning (tasks sampled per example) with weight 1 beside the sigmoid loss. Fu
 (FSDP) over 16 chips within the data-parallel mesh, full remat, 8 GradCache micro-batches
 (below). Compiled for v5e:16x16 by tools/compile.py on 2026-12-02: 6.15 of 16 GiB per chip
 (62% spare; BENCHMARKS.md section 5). The EMA teacher, self-distillation and masked
-prediction of the last 20% of training are `configs/siglip2_demo.py:distill`'s options.
+prediction of the last 20% of training are `configs/siglip2_demo.py:distill`'s options, not
+yet this recipe's (see get_config).
 
 Point config.tokenizer at the Gemma SentencePiece model ('sp:/path/tokenizer.model') and
 config.input.name at an image-text dataset with `objects/bbox` and `objects/caption` (region
@@ -56,5 +57,8 @@ def get_config(arg: str = ''):
       'tokenize(max_len={text_len}, tokenizer="{tokenizer}", inkey="texts", outkey="text")|'
       f'decoder_tasks(max_len={c.decoder_len}, tokenizer="{{tokenizer}}", num_bins={bins})|'
       'keep("image", "text", "dec_tokens", "dec_loss_mask")')
-  # ---- Issue 16 part B: config.ema, distillation and masked prediction options go here. ----
+  # No self-distillation option yet: at this scale TIPS's patch head alone would hold
+  # [128 examples x 256 tokens x 65,536 prototypes] float32 logits per chip (8.6 GB, twice
+  # with the teacher's) outside the GradCache micro-batches; the terms need micro-batching
+  # first (docs/siglip2.md). configs/siglip2_demo.py:distill runs them on the CPU.
   return c

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import bench_small, demo, limoe_b16
+from configs import bench_small, demo, limoe_b16, siglip2_demo
 from mmcl import models
 from mmcl.models import flops
 
@@ -43,6 +43,31 @@ def test_train_step_flops_of_paper_configs():
   dense = flops.encoder_flops(196, 768, 12, 3072)
   assert 1.0 < f['image'] / dense < 1.15
   assert f['train'] == pytest.approx(3 * f['forward'] - 2 * 196 * 16 * 16 * 3 * 768)
+
+
+def _patch_dropout(c):
+  c.model.image.patch_dropout = 0.5
+  return c
+
+
+def _distill_on(c):
+  c.self_distill.start_fraction = 0.0
+  return c
+
+
+@pytest.mark.parametrize('config', [
+    _patch_dropout(siglip2_demo.get_config('tiny')),  # Decoder over the kept tokens.
+    _distill_on(siglip2_demo.get_config('tiny,distill')),  # Decoder + SILC + TIPS passes.
+    demo.get_config('tiny,naflex'),  # 64-token budget, half of it padding for 16-token draws.
+], ids=['siglip2_patch_dropout', 'siglip2_distill', 'naflex'])
+def test_config_train_flops_match_the_compiled_step(config):
+  from mmcl.train import loop, throughput
+  s = loop.setup(config)
+  xla = throughput.step_flops(s.compile()) * s.mesh.size / config.batch_size
+  f = flops.config_train_flops(config, local_batch=config.batch_size // s.mesh.size)
+  assert (f['self_distill'] > 0) == bool(config.self_distill.local_weight)
+  # Element-wise work, the optimizer and the loss's extras on top of the matmul count.
+  assert 1.0 <= xla / f['train'] < 1.15, (xla, f)
 
 
 def test_random_batch_has_eot_tokens():

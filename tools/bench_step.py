@@ -40,12 +40,13 @@ installed (optional: see BENCHMARKS.md; tools/bench_open_clip.py), and adds
 `--naflex_budget L1,L2,...` prints one line per NaFlex token budget (config.naflex.budget,
 docs/resolution.md), each with its `naflex_budget` figure; the batch is NaFlex patches of
 square images at the largest grid that fits (isqrt(L)^2 tokens, the rest padding), and the
-analytic FLOPs count L tokens when L is a square (else isqrt(L)^2).
+analytic FLOPs count all L tokens (the padding runs through the encoder too). A config with
+self-distillation is timed with its terms as configured for step 0 (off before
+`start_fraction`: set it to 0 to time them on); the analytic count includes them.
 Analytic per-chip lower bounds of paper-scale steps on TPU slices: tools/roofline.py; what the
 TPU compiler itself says: tools/compile.py.
 """
 import json
-import math
 import os
 import resource
 import statistics
@@ -139,12 +140,8 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
 
   devices = s.mesh.size
   xla_flops = throughput.step_flops(compiled) * devices / batch  # Per device: times all.
-  from mmcl.train import naflex_input
-  size = config.image_size
-  if naflex_input.budget(config):  # The analytic count of isqrt(L)^2 tokens.
-    size = math.isqrt(naflex_input.budget(config)) * naflex_input.patch_size(config)
-  analytic = flops_lib.train_step_flops(config.model, size, config.text_len,
-                                        global_batch=batch, local_batch=batch // devices)
+  analytic = flops_lib.config_train_flops(config, global_batch=batch,
+                                         local_batch=batch // devices)
   colls = hlo.collectives(compiled)
   row = dict(batch=batch, devices=devices, device_kind=jax.devices()[0].device_kind,
              malloc_huge_pages=hostmem.enabled(),

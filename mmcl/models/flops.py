@@ -6,9 +6,10 @@ and for MoE layers the router, the dispatch/combine einsums and the experts at c
 Element-wise work (LayerNorm, GELU, softmax, the optimizer) is left out: XLA's count is a few
 percent higher. A train step is 3x the forward (weight and input gradients), except the
 patch embedding, whose input needs no gradient (2x). A train step also counts what only
-training runs: FLIP patch dropout's fewer image tokens and the captioning decoder (SigLIP 2's
-self-distillation passes are not counted). `mmcl.models.summarize` gives XLA's forward count
-of the built model; tests compare the two.
+training runs: FLIP patch dropout's fewer image tokens and the captioning decoder.
+`config_train_flops` counts a whole config: NaFlex's budget of patch tokens and SigLIP 2's
+self-distillation passes too. `mmcl.models.summarize` gives XLA's forward count of the built
+model; tests compare the two.
 """
 import math
 from typing import Any
@@ -75,18 +76,19 @@ def _kept(patches: int, ratio, train: bool) -> int:
   return patch_dropout.kept_count(patches, ratio) if train and ratio else patches
 
 
-def two_towers_forward(model: Any, image_size: int, text_len: int,
-                       train: bool = False) -> dict[str, float]:
+def two_towers_forward(model: Any, image_size: int, text_len: int, train: bool = False,
+                       patches: int | None = None) -> dict[str, float]:
   """{'image', 'text', 'decoder', 'patch_embedding'} forward FLOPs per example of a TwoTowers
   config ('image' includes its patch embedding). `train`: the training forward (patch
-  dropout's kept tokens; the decoder, else 0)."""
+  dropout's kept tokens; the decoder, else 0). `patches`: patch tokens per image if not
+  (image_size / patch)^2 (NaFlex: the budget, padding included)."""
   m = _plain(model)
   embed = m.get('embed_dim', 512)
   img = _plain(m.get('image'))
   hp = vit.resolve_hparams(img.get('variant'), img.get('width'), img.get('depth'),
                            img.get('mlp_dim'), img.get('num_heads'), img.get('patch_size'))
   d, p = hp['width'], hp['patch_size']
-  patches = (image_size // p)**2
+  patches = patches or (image_size // p)**2
   pool = img.get('pool', 'gap')
   cls = pool == 'tok' if img.get('class_token') is None else img['class_token']
   tokens = _kept(patches, img.get('patch_dropout'), train) + int(bool(cls))
@@ -146,7 +148,8 @@ def loss_forward(global_batch: int, embed_dim: int, directions: int = 2) -> floa
 
 
 def train_step_flops(model: Any, image_size: int, text_len: int, global_batch: int,
-                     local_batch: int | None = None) -> dict[str, float]:
+                     local_batch: int | None = None,
+                     patches: int | None = None) -> dict[str, float]:
   """Per-example FLOPs of a train step: {'forward', 'train', 'image', 'text', 'decoder',
   'loss'} (the towers' training forward: patch dropout's kept tokens, the decoder).
 
@@ -156,11 +159,61 @@ def train_step_flops(model: Any, image_size: int, text_len: int, global_batch: i
   if m.get('name', 'two_towers') == 'limoe':
     fwd = limoe_forward(m, image_size, text_len, local_batch or global_batch, train=True)
   else:
-    fwd = two_towers_forward(m, image_size, text_len, train=True)
+    fwd = two_towers_forward(m, image_size, text_len, train=True, patches=patches)
   loss = loss_forward(global_batch, m.get('embed_dim', 512))
   forward = fwd['image'] + fwd['text'] + fwd['decoder'] + loss
   return {'forward': forward, 'train': 3 * forward - fwd['patch_embedding'],
           'image': fwd['image'], 'text': fwd['text'], 'decoder': fwd['decoder'], 'loss': loss}
+
+
+def dino_head_flops(width: int, hidden: int, bottleneck: int, prototypes: int) -> float:
+  """Forward FLOPs of one vector through a DinoHead (mmcl/models/distill_heads.py)."""
+  return 2 * (width * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
+
+
+def self_distill_flops(config) -> float:
+  """Per-example train FLOPs of SigLIP 2's self-distillation terms (mmcl/train/distill.py)
+  while they are on; 0 without them. The teacher's forward of the global view (no
+  gradient); the student's forward and backward of the V local crops (SILC) and of the
+  masked global view (TIPS: mask tokens replace patches, so every token still runs); the
+  DINO heads over the pooled vectors and, for TIPS, every patch token."""
+  from mmcl.train import distill  # pylint: disable=g-import-not-at-top
+  sd = distill.from_config(config)
+  if sd is None:
+    return 0.0
+  views = distill.view_shapes(config, sd)
+  h = sd.heads
+  head = dino_head_flops(h.width, h.hidden, h.bottleneck, h.prototypes)
+
+  def image(size, train):  # (image tower forward, its patch embedding, patch tokens).
+    f = two_towers_forward(config.model, size, config.text_len, train=train)
+    return f['image'], f['patch_embedding'], (size // sd.patch_size)**2
+
+  global_size = views[sd.global_key][0]
+  teacher, _, n = image(global_size, train=False)
+  total = teacher + head
+  if sd.local_weight:
+    num_local, local_size = views[sd.local_key][:2]
+    fwd, patch, _ = image(local_size, train=True)
+    total += num_local * (3 * (fwd + head) - patch)
+  if sd.masked_weight:
+    fwd, patch, _ = image(global_size, train=True)
+    total += n * head + 3 * (fwd + n * head) - patch  # Teacher's and student's patch heads.
+  return total
+
+
+def config_train_flops(config, global_batch: int | None = None,
+                       local_batch: int | None = None) -> dict[str, float]:
+  """train_step_flops of a whole config (default: its batch_size): NaFlex images as
+  config.naflex.budget patch tokens, and a 'self_distill' entry, included in 'train' (the
+  step once those terms are on)."""
+  from mmcl.train import naflex_input  # pylint: disable=g-import-not-at-top
+  f = train_step_flops(config.model, config.image_size, config.text_len,
+                       global_batch=global_batch or config.batch_size,
+                       local_batch=local_batch, patches=naflex_input.budget(config))
+  f['self_distill'] = self_distill_flops(config)
+  f['train'] += f['self_distill']
+  return f
 
 
 def param_count(model: Any, image_size: int, text_len: int) -> int:

@@ -285,9 +285,7 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
                     for c in top))
 
   cost = _cost(compiled)
-  f = flops_lib.train_step_flops(
-      config.model, config.image_size, config.text_len, global_batch=config.batch_size,
-      local_batch=local_batch)
+  f = flops_lib.config_train_flops(config, local_batch=local_batch)
   # A frozen tower runs forward only: its 2x backward share is not model work.
   towers = {'img': 'image', 'txt': 'text'}
   frozen = frozen_towers(config, s.abstract_state['params'])
