@@ -215,6 +215,33 @@ def test_terms_are_off_before_the_switch_and_the_heads_held(shapes_data_dir):
                  (moved if on else state['params'])['self_distill'])
 
 
+def test_host_picked_phases_equal_the_traced_switch(shapes_data_dir):
+  """The loop's two programs (terms off before start_step, on from it; 8 devices) leave
+  the state and metrics the one lax.cond program leaves, step by step across the switch;
+  the program before the switch runs none of the terms' FLOPs."""
+  from mmcl.train import throughput
+  s = loop.setup(_distill_config(shapes_data_dir, total_steps=10))
+  assert s.distill.start_step == 8 and s.distill.phase is None
+  traced = s.step_for.build(s.model, s.distill)
+  rng = np.random.default_rng(0)
+  batch = {k: rng.uniform(-1, 1, v.shape).astype(v.dtype) if v.dtype == np.float32
+           else rng.integers(1, 200, v.shape).astype(v.dtype) for k, v in s.batch_shapes.items()}
+  batch = jax.device_put(batch, {k: v.sharding for k, v in s.batch_shapes.items()})
+  states = [s.init_state(jax.random.key(0)) for _ in range(2)]
+  for state in states:  # Loop step 7 (state step 6) is two steps before the switch.
+    state['step'] = jax.device_put(jnp.asarray(6, jnp.int32), s.state_sharding['step'])
+  for step in (7, 8, 9, 10):
+    states[0], got = s.step_for(step)(states[0], batch)
+    states[1], ref = traced(states[1], batch)
+    assert (float(got['train/self_distill/loss']) > 0) == (step >= 9)  # State step 8: on.
+    for k in ref:
+      np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=1e-6, err_msg=f'{k} {step}')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+                 states[0], states[1])
+  off, on = s.step_for(8), s.step_for(9)
+  assert throughput.step_flops(off) < 0.5 * throughput.step_flops(on)
+
+
 def test_self_distill_needs_an_ema(shapes_data_dir, tmp_path):
   c = _distill_config(shapes_data_dir)
   c.ema.decay = None

@@ -9,9 +9,12 @@ additional augmented views" so that augmentation does not hurt image-text alignm
 SILC). Losses: mmcl/losses/self_distill.py; heads: mmcl/models/distill_heads.py.
 
 When: from `start_step` = round(start_fraction * total_steps) on (SigLIP 2: the last 20%
-of training). The switch is a `lax.cond` on the traced step inside the one compiled train
-step: no retrace or recompile at the switch, and before it the (3-4x more expensive)
-branch is not executed. The heads, mask token and centres stay as initialised until the
+of training). The training loop runs two programs, one without the terms before the switch
+and one with them from it on (`fixed(phase)`; the host picks by step, as for the model
+variants of mmcl/train/variants.py): on XLA:CPU the same terms inside a `lax.cond` on the
+traced step ran 3.4x slower than straight-line (docs/siglip2.md), and a cond's program
+holds the terms' buffers for the whole run. `phase=None` is that single traced-switch
+program (one compile), kept as the reference the two are tested against. The heads, mask token and centres stay as initialised until the
 switch (their updates are held back, so weight decay does not shrink them meanwhile), the
 teacher is a copy of the student up to it (ema.start_step defaults to start_step): SigLIP 2
 starts the teacher from the student and the heads fresh at that point.
@@ -42,6 +45,16 @@ class SelfDistill:
   center_momentum: float = 0.9
   global_key: str = 'global_view'
   local_key: str = 'local_crops'
+  phase: str | None = None  # 'off' / 'on': the terms never / always; None: a lax.cond.
+
+  def fixed(self, phase: str) -> 'SelfDistill':
+    if phase not in ('off', 'on'):
+      raise ValueError(f"SelfDistill phase {phase!r}; valid: 'off', 'on'.")
+    return dataclasses.replace(self, phase=phase)
+
+  def phase_of(self, step: int) -> str:
+    """The phase of the step that starts from state['step'] == `step`."""
+    return 'on' if step >= self.start_step else 'off'
 
   def batch_keys(self) -> tuple[str, ...]:
     return (self.global_key,) + ((self.local_key,) if self.local_weight else ())
@@ -59,6 +72,8 @@ class SelfDistill:
     return {'center': zeros_K, 'patch_center': zeros_K}
 
   def active(self, step):
+    if self.phase is not None:
+      return self.phase == 'on'
     return step >= self.start_step
 
   def loss(self, params, ema_params, sd_state, batch, rng, step):
@@ -70,6 +85,8 @@ class SelfDistill:
       zero = jnp.zeros((), jnp.float32)
       return zero, {name: zero for name in self.metric_names()}, sd_state
 
+    if self.phase is not None:
+      return on() if self.phase == 'on' else off()
     return jax.lax.cond(self.active(step), on, off)
 
   def value_and_grad(self, state, batch, rng):

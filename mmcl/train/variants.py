@@ -10,6 +10,9 @@ and a FlexiViT tower stores its kernel and position embedding at one size) and i
 step, compiled the first time a step needs it; the host picks the variant per step. The draw is
 a function of (seed, step) only, so every process agrees and a resumed run repeats it.
 
+SigLIP 2's self-distillation (mmcl/train/distill.py) adds a phase to the key: the program
+without its terms before `start_step`, the one with them from it on.
+
 Why not one program: a ratio traced into the step would need a mask over all N tokens instead
 of a gather to K of them, which keeps the full encoder cost: the very thing FLIP saves.
 """
@@ -72,23 +75,43 @@ def has_variants(config) -> bool:
   return bool(config.get('unmasked_from_step', 0) or config.get('flexi_patch_sizes', ()))
 
 
-class StepVariants:
-  """step -> the jitted train step of its variant; `build(model)` jits one per variant."""
+PHASE = 'self_distill'  # The key item of the self-distillation phase.
 
-  def __init__(self, config, build: Callable, default_step, mesh=None):
+
+class StepVariants:
+  """step -> the train step of its variant; `build(model, distill)` jits one per variant.
+
+  With `lower_args` (the sharded abstract state and batch shapes) each is compiled ahead of
+  its first step, so its cost analysis is at hand (`flops`) and it never compiles twice.
+  """
+
+  def __init__(self, config, build: Callable, mesh=None, distill=None, lower_args=None):
     self._config = config
     self._mesh = mesh
     self._model_cfg = config.model.to_dict()
-    self._build = build
-    self._steps = {(): default_step}
+    self.build = build
+    self._distill = distill
+    self._lower_args = lower_args
+    self._steps = {}
 
   def model(self, key: tuple):
-    return models.get_model(image_fields(self._model_cfg, **dict(key)), self._mesh)
+    fields = {k: v for k, v in key if k != PHASE}
+    return models.get_model(image_fields(self._model_cfg, **fields), self._mesh)
+
+  def key(self, step: int) -> tuple:
+    """`step`'s variant (1-based, as the loop counts): image-tower overrides, then the
+    self-distillation phase of its state step (step - 1)."""
+    key = variant_key(self._config, step)
+    if self._distill is not None:
+      key += ((PHASE, self._distill.phase_of(step - 1)),)
+    return key
 
   def __call__(self, step: int):
-    key = variant_key(self._config, step)
+    key = self.key(step)
     if key not in self._steps:
-      self._steps[key] = self._build(self.model(key))
+      distill = self._distill and self._distill.fixed(dict(key)[PHASE])
+      fn = self.build(self.model(key), distill)
+      self._steps[key] = fn.lower(*self._lower_args).compile() if self._lower_args else fn
     return self._steps[key]
 
   @property
