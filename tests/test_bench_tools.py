@@ -60,11 +60,11 @@ def _distill_on(c):
     _distill_on(siglip2_demo.get_config('tiny,distill')),  # Decoder + SILC + TIPS passes.
     demo.get_config('tiny,naflex'),  # 64-token budget, half of it padding for 16-token draws.
 ], ids=['siglip2_patch_dropout', 'siglip2_distill', 'naflex'])
-def test_config_train_flops_match_the_compiled_step(config):
-  from mmcl.train import loop, throughput
+def test_config_flops_match_the_compiled_step(config):
+  from mmcl.train import config_flops, loop, throughput
   s = loop.setup(config)
   xla = throughput.step_flops(s.compile()) * s.mesh.size / config.batch_size
-  f = flops.config_train_flops(config, local_batch=config.batch_size // s.mesh.size)
+  f = config_flops.train_flops(config, local_batch=config.batch_size // s.mesh.size)
   assert (f['self_distill'] > 0) == bool(config.self_distill.local_weight)
   # Element-wise work, the optimizer and the loss's extras on top of the matmul count.
   assert 1.0 <= xla / f['train'] < 1.15, (xla, f)

@@ -41,8 +41,8 @@ installed (optional: see BENCHMARKS.md; tools/bench_open_clip.py), and adds
 docs/resolution.md), each with its `naflex_budget` figure; the batch is NaFlex patches of
 square images at the largest grid that fits (isqrt(L)^2 tokens, the rest padding), and the
 analytic FLOPs count all L tokens (the padding runs through the encoder too). A config with
-self-distillation is timed with its terms as configured for step 0 (off before
-`start_fraction`: set it to 0 to time them on); the analytic count includes them.
+self-distillation is timed with its terms on (`Setup.train_step`: the heavier of the loop's
+two programs); the analytic count includes them.
 Analytic per-chip lower bounds of paper-scale steps on TPU slices: tools/roofline.py; what the
 TPU compiler itself says: tools/compile.py.
 """
@@ -127,7 +127,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
   import jax
   import numpy as np
   from tools import hostmem
-  from mmcl.models import flops as flops_lib
+  from mmcl.train import config_flops
   from mmcl.parallel import hlo
   from mmcl.train import loop
   from mmcl.train import throughput
@@ -140,8 +140,7 @@ def bench_step(config, steps: int, warmup: int, matmul: int = 2048,
 
   devices = s.mesh.size
   xla_flops = throughput.step_flops(compiled) * devices / batch  # Per device: times all.
-  analytic = flops_lib.config_train_flops(config, global_batch=batch,
-                                         local_batch=batch // devices)
+  analytic = config_flops.train_flops(config, global_batch=batch, local_batch=batch // devices)
   colls = hlo.collectives(compiled)
   row = dict(batch=batch, devices=devices, device_kind=jax.devices()[0].device_kind,
              malloc_huge_pages=hostmem.enabled(),

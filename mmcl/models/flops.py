@@ -7,8 +7,8 @@ Element-wise work (LayerNorm, GELU, softmax, the optimizer) is left out: XLA's c
 percent higher. A train step is 3x the forward (weight and input gradients), except the
 patch embedding, whose input needs no gradient (2x). A train step also counts what only
 training runs: FLIP patch dropout's fewer image tokens and the captioning decoder.
-`config_train_flops` counts a whole config: NaFlex's budget of patch tokens and SigLIP 2's
-self-distillation passes too. `mmcl.models.summarize` gives XLA's forward count of the built
+`mmcl/train/config_flops.py` counts a whole config: NaFlex's budget of patch tokens and
+SigLIP 2's self-distillation passes too. `mmcl.models.summarize` gives XLA's forward count of the built
 model; tests compare the two.
 """
 import math
@@ -169,51 +169,6 @@ def train_step_flops(model: Any, image_size: int, text_len: int, global_batch: i
 def dino_head_flops(width: int, hidden: int, bottleneck: int, prototypes: int) -> float:
   """Forward FLOPs of one vector through a DinoHead (mmcl/models/distill_heads.py)."""
   return 2 * (width * hidden + hidden * hidden + hidden * bottleneck + bottleneck * prototypes)
-
-
-def self_distill_flops(config) -> float:
-  """Per-example train FLOPs of SigLIP 2's self-distillation terms (mmcl/train/distill.py)
-  while they are on; 0 without them. The teacher's forward of the global view (no
-  gradient); the student's forward and backward of the V local crops (SILC) and of the
-  masked global view (TIPS: mask tokens replace patches, so every token still runs); the
-  DINO heads over the pooled vectors and, for TIPS, every patch token."""
-  from mmcl.train import distill  # pylint: disable=g-import-not-at-top
-  sd = distill.from_config(config)
-  if sd is None:
-    return 0.0
-  views = distill.view_shapes(config, sd)
-  h = sd.heads
-  head = dino_head_flops(h.width, h.hidden, h.bottleneck, h.prototypes)
-
-  def image(size, train):  # (image tower forward, its patch embedding, patch tokens).
-    f = two_towers_forward(config.model, size, config.text_len, train=train)
-    return f['image'], f['patch_embedding'], (size // sd.patch_size)**2
-
-  global_size = views[sd.global_key][0]
-  teacher, _, n = image(global_size, train=False)
-  total = teacher + head
-  if sd.local_weight:
-    num_local, local_size = views[sd.local_key][:2]
-    fwd, patch, _ = image(local_size, train=True)
-    total += num_local * (3 * (fwd + head) - patch)
-  if sd.masked_weight:
-    fwd, patch, _ = image(global_size, train=True)
-    total += n * head + 3 * (fwd + n * head) - patch  # Teacher's and student's patch heads.
-  return total
-
-
-def config_train_flops(config, global_batch: int | None = None,
-                       local_batch: int | None = None) -> dict[str, float]:
-  """train_step_flops of a whole config (default: its batch_size): NaFlex images as
-  config.naflex.budget patch tokens, and a 'self_distill' entry, included in 'train' (the
-  step once those terms are on)."""
-  from mmcl.train import naflex_input  # pylint: disable=g-import-not-at-top
-  f = train_step_flops(config.model, config.image_size, config.text_len,
-                       global_batch=global_batch or config.batch_size,
-                       local_batch=local_batch, patches=naflex_input.budget(config))
-  f['self_distill'] = self_distill_flops(config)
-  f['train'] += f['self_distill']
-  return f
 
 
 def param_count(model: Any, image_size: int, text_len: int) -> int:

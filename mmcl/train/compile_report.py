@@ -23,11 +23,10 @@ import ml_collections
 import numpy as np
 
 from mmcl import tree
-from mmcl.models import flops as flops_lib
 from mmcl.parallel import hlo
 from mmcl.parallel import mesh as mesh_lib
 from mmcl.parallel import topology
-from mmcl.train import loop, optim
+from mmcl.train import config_flops, loop, optim
 
 _HEAD_RE = re.compile(r'(^|/)(head|img_head|txt_head)(/|$)')
 EXCESS_TOLERANCE = 0.05  # Collectives beyond the minimum that a report flags.
@@ -285,7 +284,7 @@ def report(config: ml_collections.ConfigDict, devices=None, *, evals: bool = Tru
                     for c in top))
 
   cost = _cost(compiled)
-  f = flops_lib.config_train_flops(config, local_batch=local_batch)
+  f = config_flops.train_flops(config, local_batch=local_batch)
   # A frozen tower runs forward only: its 2x backward share is not model work.
   towers = {'img': 'image', 'txt': 'text'}
   frozen = frozen_towers(config, s.abstract_state['params'])
