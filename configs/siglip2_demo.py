@@ -15,7 +15,7 @@ Options (comma-separated): 'locca' (default: SigLIP 2's sigmoid + LocCa), 'coca'
 contrastive + captioning, open_clip's CoCa weights), 'cappa' (captioning alone, CapPa's
 parallel prediction), 'nodecoder' (the decoder off: the SigLIP baseline), 'distill' (adds
 the EMA teacher's self-distillation and masked prediction for the last 20% of steps, as
-configs/demo.py:siglip,distill; opt-in because on the CPU those steps cost ~5x), 'tiny'
+configs/demo.py:siglip,distill; opt-in because on the CPU those steps cost ~2x), 'tiny'
 (seconds; tests). docs/siglip2.md explains each setting.
 """
 import ml_collections
