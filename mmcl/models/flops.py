@@ -8,8 +8,8 @@ percent higher. A train step is 3x the forward (weight and input gradients), exc
 patch embedding, whose input needs no gradient (2x). A train step also counts what only
 training runs: FLIP patch dropout's fewer image tokens and the captioning decoder.
 `mmcl/train/config_flops.py` counts a whole config: NaFlex's budget of patch tokens and
-SigLIP 2's self-distillation passes too. `mmcl.models.summarize` gives XLA's forward count of the built
-model; tests compare the two.
+SigLIP 2's self-distillation passes too. `mmcl.models.summarize` gives XLA's forward count
+of the built model; tests compare the two.
 """
 import math
 from typing import Any

@@ -14,10 +14,11 @@ and one with them from it on (`fixed(phase)`; the host picks by step, as for the
 variants of mmcl/train/variants.py): on XLA:CPU the same terms inside a `lax.cond` on the
 traced step ran 3.4x slower than straight-line (docs/siglip2.md), and a cond's program
 holds the terms' buffers for the whole run. `phase=None` is that single traced-switch
-program (one compile), kept as the reference the two are tested against. The heads, mask token and centres stay as initialised until the
-switch (their updates are held back, so weight decay does not shrink them meanwhile), the
-teacher is a copy of the student up to it (ema.start_step defaults to start_step): SigLIP 2
-starts the teacher from the student and the heads fresh at that point.
+program (one compile), kept as the reference the two are tested against. The heads, mask
+token and centres stay as initialised until the switch (their updates are held back, so
+weight decay does not shrink them meanwhile), the teacher is a copy of the student up to it
+(ema.start_step defaults to start_step): SigLIP 2 starts the teacher from the student and
+the heads fresh at that point.
 """
 import dataclasses
 from typing import Any

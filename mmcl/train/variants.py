@@ -7,7 +7,7 @@ Two settings change the image token count between steps, so they cannot be a tra
     uniformly from these (FlexiViT samples per step from a set of sizes).
 Each distinct variant is its own model (same parameter tree: patch dropout has no parameters,
 and a FlexiViT tower stores its kernel and position embedding at one size) and its own jitted
-step, compiled the first time a step needs it; the host picks the variant per step. The draw is
+step, compiled when a step first needs it; the host picks the variant per step. The draw is
 a function of (seed, step) only, so every process agrees and a resumed run repeats it.
 
 SigLIP 2's self-distillation (mmcl/train/distill.py) adds a phase to the key: the program
@@ -82,7 +82,7 @@ class StepVariants:
   """step -> the train step of its variant; `build(model, distill)` jits one per variant.
 
   With `lower_args` (the sharded abstract state and batch shapes) each is compiled ahead of
-  its first step, so its cost analysis is at hand (`flops`) and it never compiles twice.
+  its first step, so the loop reads its cost analysis and it never compiles twice.
   """
 
   def __init__(self, config, build: Callable, mesh=None, distill=None, lower_args=None):
