@@ -113,7 +113,3 @@ class StepVariants:
       fn = self.build(self.model(key), distill)
       self._steps[key] = fn.lower(*self._lower_args).compile() if self._lower_args else fn
     return self._steps[key]
-
-  @property
-  def compiled(self) -> list[tuple]:
-    return list(self._steps)
