@@ -124,6 +124,7 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     target = tree.with_shardings(abstract_state, shardings)
+    _drop_closed_loop_errors()  # Before the read: a failing one's threads call back early.
     cause = None
     try:
       self.check_structure(abstract_state, step, entries=True)
@@ -260,7 +261,8 @@ def _collect_orbax_leftovers():
   """A failed orbax read leaves the other reads behind: collected at exit, their coroutines
   printed hundreds of lines ('... exception was never retrieved'), and tensorstore threads
   finishing later call back into the closed event loop ('Event loop is closed'), burying
-  the cause. Collect the coroutines now, silently, and drop those late callbacks' errors."""
+  the cause. Collect the coroutines now, silently (_drop_closed_loop_errors takes the
+  late callbacks)."""
   hook, asyncio_logger = sys.unraisablehook, logging.getLogger('asyncio')
   level = asyncio_logger.level
   sys.unraisablehook = lambda unraisable: None
@@ -270,8 +272,12 @@ def _collect_orbax_leftovers():
   finally:
     sys.unraisablehook = hook
     asyncio_logger.setLevel(level)
-  # The late callbacks' errors reach Python as unraisable, or (from tensorstore's threads,
-  # by PyErr_Print) through sys.excepthook: drop them on both paths.
+
+
+def _drop_closed_loop_errors():
+  """The late callbacks of a failed read reach Python as unraisable, or (from tensorstore's
+  threads, by PyErr_Print) through sys.excepthook: drop their 'Event loop is closed' on
+  both paths, and nothing else."""
   if not getattr(sys.unraisablehook, 'mmcl_drops_closed_loop', False):
     sys.unraisablehook = _drop_closed_loop_callbacks(
         sys.unraisablehook, lambda u: u.exc_value)
