@@ -99,7 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_local=8,  # SILC: 8 local crops.
       mask_ratio=0.5,  # SigLIP 2: half of the student's patches.
       hidden=2048, bottleneck=256, prototypes=65_536,  # DINO's head.
-      student_temp=0.1, teacher_temp=0.04, center_momentum=0.9))  # DINO.
+      student_temp=0.1, teacher_temp=0.04, center_momentum=0.9,  # DINO.
+      # Micro-batches of the terms (None: config.accum_steps); the same value and gradient,
+      # 1/k of the patch head's [B, N, prototypes] logits in memory at once.
+      accum_steps=config_dict.placeholder(int)))
 
   c.log_every = 10
   c.preemption_check_every = 10  # Steps between the processes' SIGTERM agreement (multi-process).

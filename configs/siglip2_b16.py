@@ -11,34 +11,37 @@ un-pooled image tokens and is trained on captioning, referring expressions and g
 captioning (tasks sampled per example) with weight 1 beside the sigmoid loss. Fully sharded
 (FSDP) over 16 chips within the data-parallel mesh, full remat, 8 GradCache micro-batches
 (below). Compiled for v5e:16x16 by tools/compile.py on 2026-12-02: 6.15 of 16 GiB per chip
-(62% spare; BENCHMARKS.md section 5). The EMA teacher, self-distillation and masked
-prediction of the last 20% of training are `configs/siglip2_demo.py:distill`'s options, not
-yet this recipe's (see get_config).
+(62% spare; BENCHMARKS.md section 5). ':distill' adds the EMA teacher, self-distillation and
+masked prediction of the last 20% of training (SILC + TIPS, docs/siglip2.md).
 
 Point config.tokenizer at the Gemma SentencePiece model ('sp:/path/tokenizer.model') and
 config.input.name at an image-text dataset with `objects/bbox` and `objects/caption` (region
 boxes and captions, e.g. from an open-vocabulary detector as in the paper).
 
   python tools/compile.py --config configs/siglip2_b16.py --topology v5e:16x16
+  python tools/compile.py --config configs/siglip2_b16.py:distill --topology v5e:16x16
   python tools/train.py --config configs/siglip2_b16.py:tiny --workdir /tmp/siglip2_b16_tiny
 """
 import ml_collections
 
-from configs import image_text
+from configs import common, image_text
 
-OPTIONS = image_text.OPTIONS
+OPTIONS = image_text.OPTIONS + ('distill',)
 NUM_BINS = 500  # Coordinate tokens per box coordinate (our choice; LocCa writes boxes as tokens).
 
 
 def get_config(arg: str = ''):
+  options = {o for o in (arg or '').split(',') if o}
+  if options - set(OPTIONS):
+    raise ValueError(f'Bad siglip2_b16 options {arg!r}; valid: {OPTIONS}.')
   c = image_text.recipe(
-      arg, image=dict(variant='B/16', pool='map'),
+      ','.join(sorted(options - {'distill'})), image=dict(variant='B/16', pool='map'),
       text=dict(variant='B', style='siglip'), embed_dim=768, loss='sigmoid',
       batch_size=32_768, steps=1_220_703, lr=1e-3, weight_decay=1e-4, b2=0.95,
       warmup_steps=20_000, text_len=64, vocab_size=256_000, res=256,
       mesh=(('data', -1), ('fsdp', 16)), remat='full',
       temperature_init=10.0, max_temperature=None, bias_init=-10.0)
-  tiny = 'tiny' in (arg or '')
+  tiny = 'tiny' in options
   text_vocab = 258 if tiny else 256_000
   bins = 16 if tiny else NUM_BINS
   c.decoder_len = 32 if tiny else 64
@@ -57,8 +60,13 @@ def get_config(arg: str = ''):
       'tokenize(max_len={text_len}, tokenizer="{tokenizer}", inkey="texts", outkey="text")|'
       f'decoder_tasks(max_len={c.decoder_len}, tokenizer="{{tokenizer}}", num_bins={bins})|'
       'keep("image", "text", "dec_tokens", "dec_loss_mask")')
-  # No self-distillation option yet: at this scale TIPS's patch head alone would hold
-  # [128 examples x 256 tokens x 65,536 prototypes] float32 logits per chip (8.6 GB, twice
-  # with the teacher's) outside the GradCache micro-batches; the terms need micro-batching
-  # first (docs/siglip2.md). configs/siglip2_demo.py:distill runs them on the CPU.
+  if 'distill' in options:
+    # SigLIP 2's last 20%: SILC and TIPS against an EMA teacher, with B's weights (1 and
+    # 0.25, x 0.25 for B); SILC's 8 local crops, at DINO's 96 px (6 x 6 patches). The terms
+    # run in the 8 GradCache micro-batches too (config.self_distill.accum_steps): unsplit,
+    # the patch head's [128 x 256 x 65,536] float32 logits per chip would take 8.6 GB.
+    common.add_self_distill(c, num_local=2 if tiny else 8, local_size=32 if tiny else 96,
+                            local_weight=0.25, masked_weight=0.0625, decay=0.996)
+    if tiny:  # Two micro-batches, so the smoke test runs the split terms.
+      c.self_distill.update(hidden=64, bottleneck=32, prototypes=256, accum_steps=2)
   return c

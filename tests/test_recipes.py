@@ -40,9 +40,10 @@ def test_published_settings():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', RECIPES)
+@pytest.mark.parametrize('name', RECIPES + ('siglip2_b16:distill',))
 def test_tiny_recipe_trains(shapes_data_dir, tmp_path, name):
-  c = _config(name, 'tiny')
+  name, _, options = name.partition(':')
+  c = _config(name, ','.join(['tiny'] + [options] * bool(options)))
   c.data_dir = shapes_data_dir
   c.progress_bar = False
   c.total_steps, c.log_every, c.ckpt_every = 12, 1, 100
@@ -52,6 +53,10 @@ def test_tiny_recipe_trains(shapes_data_dir, tmp_path, name):
   assert len(losses) == 12 and np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
   assert 0.0 <= final['zeroshot/mmcl_shapes/shape/top1'] <= 1.0
+  if c.self_distill.local_weight:  # On for the last 20% (steps 11, 12), micro-batched.
+    sd = [r['train/self_distill/loss'] for r in metrics_lib.read_metrics(str(tmp_path))
+          if 'train/self_distill/loss' in r]
+    assert sd[-2] > 0 and sd[-1] > 0 and sd[-3] == 0, sd
 
 
 def test_lit_step_drops_the_frozen_towers_backward_pass():

@@ -1,6 +1,7 @@
 """SigLIP 2's EMA teacher, SILC self-distillation and TIPS masked prediction (docs/siglip2.md):
 formulas against float64 numpy, the ViT's token mask, the views' pp op, checkpoints, and a
 short sharded run."""
+import dataclasses
 import os
 import shutil
 
@@ -14,9 +15,12 @@ from mmcl import checkpoint as checkpoint_lib
 from mmcl.data import preprocess
 from mmcl.losses import self_distill as sd_loss
 from mmcl.models import posemb, vit
+from mmcl.parallel import mesh as mesh_lib
+from mmcl.train import distill as distill_lib
 from mmcl.train import ema as ema_lib
 from mmcl.train import loop
 from mmcl.train import metrics as metrics_lib
+from mmcl.train import validate
 
 
 def _softmax(x, axis=-1):
@@ -288,3 +292,47 @@ def test_distill_run_losses_fall_and_resume_keeps_the_ema(shapes_data_dir, tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                          rtol=1e-6, atol=1e-7),
                  resumed[key], full[key])
+
+
+def test_micro_batched_terms_equal_the_full_batch(shapes_data_dir):
+  """accum_steps=4 (micro-batches of 8 rows, sharded data x fsdp over 8 devices) gives the
+  full batch's value, metrics, centres and gradient; one micro-batch alone does not."""
+  mesh_cfg = {'mesh': (('data', 4), ('fsdp', 2)), 'self_distill.start_fraction': 0.0}
+  s = loop.setup(_distill_config(shapes_data_dir, **mesh_cfg))
+  assert s.distill.accum_steps == 1  # config.accum_steps' default.
+  full = s.distill.fixed('on')
+  micro = dataclasses.replace(full, accum_steps=4)
+  state = s.init_state(jax.random.key(0))
+  leaves, treedef = jax.tree.flatten(state['ema'])  # A teacher unlike the student.
+  state['ema'] = treedef.unflatten([x + 0.05 * jax.random.normal(jax.random.key(i), x.shape)
+                                    for i, x in enumerate(leaves)])
+  rng = np.random.default_rng(0)
+  batch = {k: rng.uniform(-1, 1, v.shape).astype(v.dtype) if v.dtype == np.float32
+           else rng.integers(1, 200, v.shape).astype(v.dtype) for k, v in s.batch_shapes.items()}
+  batch = jax.device_put(batch, {k: v.sharding for k, v in s.batch_shapes.items()})
+  sharding = mesh_lib.batch_sharding(s.mesh)
+  key = jax.random.key(1)
+  want = jax.jit(lambda st, b: full.value_and_grad(st, b, key))(state, batch)
+  got = jax.jit(lambda st, b: micro.value_and_grad(st, b, key, sharding))(state, batch)
+
+  def close(g, w, path=''):  # Two float32 summation orders: atol scaled by each leaf.
+    atol = max(1e-7, 1e-5 * float(np.max(np.abs(w))))
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=atol, err_msg=path)
+  jax.tree_util.tree_map_with_path(lambda p, g, w: close(g, w, jax.tree_util.keystr(p)),
+                                   got, want)
+  assert float(want[1]['local_loss']) > 0 and float(want[1]['masked_loss']) > 0
+  # The test can fail: the first micro-batch (rows 0, 4, 8, ...) alone is another value.
+  first = jax.tree.map(lambda x: x[::4], batch)
+  alone = jax.jit(lambda st, b: full.value_and_grad(st, b, key))(state, first)
+  assert abs(float(alone[0]) - float(want[0])) > 1e-3 * abs(float(want[0]))
+  assert not np.allclose(alone[2]['patch_center'], want[2]['patch_center'], rtol=1e-3)
+
+
+def test_distill_micro_batches_follow_grad_cache_and_are_checked(shapes_data_dir):
+  c = _distill_config(shapes_data_dir, accum_steps=4)
+  assert distill_lib.accum_steps(c) == 4
+  c.self_distill.accum_steps = 2
+  assert distill_lib.accum_steps(c) == 2
+  c.self_distill.accum_steps = 3  # 32 rows do not split into 3 micro-batches over 8 shards.
+  with pytest.raises(ValueError, match=r'config.self_distill.accum_steps=3 .* divisor'):
+    validate.validate(c)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from mmcl.losses import self_distill as sd_loss
 from mmcl.models import distill_heads, vit
+from mmcl.train import grad_cache
 
 KEY = 'self_distill'  # params[KEY]: heads and mask token; state[KEY]: the centres.
 
@@ -46,6 +47,7 @@ class SelfDistill:
   center_momentum: float = 0.9
   global_key: str = 'global_view'
   local_key: str = 'local_crops'
+  accum_steps: int = 1  # Micro-batches of the terms (default: config.accum_steps).
   phase: str | None = None  # 'off' / 'on': the terms never / always; None: a lax.cond.
 
   def fixed(self, phase: str) -> 'SelfDistill':
@@ -77,35 +79,64 @@ class SelfDistill:
       return self.phase == 'on'
     return step >= self.start_step
 
-  def loss(self, params, ema_params, sd_state, batch, rng, step):
-    """(weighted loss, metrics, new centres); zeros and the old centres before start."""
+  def value_and_grad(self, state, batch, rng, batch_sharding=None):
+    """(value, metrics, new centres, gradient wrt state['params']): a gradient of its own,
+    added to the contrastive one by the train step (the terms share no activations).
+    Zeros and the old centres before start_step."""
     def on():
-      return self._terms(params, ema_params, sd_state, batch, rng)
+      return self._value_and_grad(state, batch, rng, batch_sharding)
 
     def off():
       zero = jnp.zeros((), jnp.float32)
-      return zero, {name: zero for name in self.metric_names()}, sd_state
+      return (zero, {name: zero for name in self.metric_names()}, state[KEY],
+              jax.tree.map(jnp.zeros_like, state['params']))
 
     if self.phase is not None:
       return on() if self.phase == 'on' else off()
-    return jax.lax.cond(self.active(step), on, off)
-
-  def value_and_grad(self, state, batch, rng):
-    """(value, metrics, new centres, gradient wrt state['params']): a gradient of its own,
-    added to the contrastive one by the train step (the terms share no activations)."""
-    def fn(params):
-      value, metrics, new_state = self.loss(params, state['ema'], state[KEY], batch, rng,
-                                            state['step'])
-      return value, (metrics, new_state)
-    (value, (metrics, new_state)), grads = jax.value_and_grad(fn, has_aux=True)(
-        state['params'])
-    return value, metrics, new_state, grads
+    return jax.lax.cond(self.active(state['step']), on, off)
 
   def hold_heads(self, new_params, old_params, step):
     """params[KEY] only moves once the terms are on."""
     held = jax.tree.map(lambda n, o: jnp.where(self.active(step), n, o),
                         new_params[KEY], old_params[KEY])
     return {**new_params, KEY: held}
+
+  def _value_and_grad(self, state, batch, rng, batch_sharding):
+    """The terms' value and gradient, over `accum_steps` micro-batches when > 1. Each term
+    is a mean over equal-sized groups of examples and each centre moves by the batch mean
+    of the teacher's logits, so the means over micro-batches are the full batch's; only
+    the activations shrink (the patch head's [B/k, N, prototypes] logits dominate)."""
+    views = {key: batch[key] for key in self.batch_keys()}
+    rng_mask, rng = jax.random.split(rng)
+    if self.masked_weight:  # Drawn for the whole batch: the same with any micro-batching.
+      b, h, w, _ = views[self.global_key].shape
+      n = (h // self.patch_size) * (w // self.patch_size)
+      views['token_mask'] = sd_loss.random_token_mask(rng_mask, b, n, self.mask_ratio)
+    teacher = jax.lax.stop_gradient(state['ema'])
+    grad_fn = jax.value_and_grad(self._terms, has_aux=True)
+
+    def one(micro, micro_rng):
+      (value, (metrics, means)), grads = grad_fn(state['params'], teacher, state[KEY], micro,
+                                                 micro_rng)
+      return value, metrics, means, grads
+
+    k = self.accum_steps
+    if k == 1:
+      value, metrics, means, grads = one(views, rng)
+    else:
+      if batch_sharding is None:
+        raise ValueError(f'SelfDistill.accum_steps={k} needs the batch sharding.')
+      micro = jax.tree.map(lambda x: grad_cache.split(x, k, batch_sharding), views)
+      micro_rngs = jax.random.split(rng, k)
+      shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), micro_rngs[0])
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      mean_of = lambda total, x: jax.tree.map(lambda t, v: t + v / k, total, x)
+      (value, metrics, means, grads), _ = jax.lax.scan(
+          lambda total, inputs: (mean_of(total, one(*inputs)), None), zeros,
+          (micro, micro_rngs))
+    centres = {name: sd_loss.update_center(c, means[name], self.center_momentum)
+               if name in means else c for name, c in state[KEY].items()}
+    return value, metrics, centres, grads
 
   def _image(self, params, images, train, rng=None, **masking):
     _, _, out = self.model.apply({'params': _model_params(params)}, images, None, train=train,
@@ -115,23 +146,21 @@ class SelfDistill:
   def _project(self, head_params, x, method):
     return self.heads.apply({'params': head_params}, x, method=method)
 
-  def _terms(self, params, ema_params, sd_state, batch, rng):
-    view_BxHxWx3 = batch[self.global_key]
+  def _terms(self, params, teacher, sd_state, views, rng):
+    """(weighted loss, (metrics, the teacher's mean logits per centre)) of `views`."""
+    view_BxHxWx3 = views[self.global_key]
     b, h, w, _ = view_BxHxWx3.shape
     n = (h // self.patch_size) * (w // self.patch_size)
-    teacher = jax.lax.stop_gradient(ema_params)
     t_pooled_BxD, t_encoded = self._image(teacher, view_BxHxWx3, train=False)
     t_tokens_BxNxD = t_encoded[:, t_encoded.shape[1] - n:]  # Patches after any class token.
     heads, t_heads = params[KEY], teacher[KEY]
     t_global_BxK = self._project(t_heads, t_pooled_BxD, 'project_global')
-    new_state = {'center': sd_loss.update_center(sd_state['center'], t_global_BxK,
-                                                 self.center_momentum),
-                 'patch_center': sd_state['patch_center']}
+    means = {'center': jnp.mean(t_global_BxK.astype(jnp.float32), axis=0)}
     temps = dict(student_temp=self.student_temp, teacher_temp=self.teacher_temp)
     total, metrics = jnp.zeros((), jnp.float32), {}
-    rng_local, rng_mask, rng_masked = jax.random.split(rng, 3)
+    rng_local, rng_masked = jax.random.split(rng)
     if self.local_weight:
-      crops_BxVxhxwx3 = batch[self.local_key]
+      crops_BxVxhxwx3 = views[self.local_key]
       v = crops_BxVxhxwx3.shape[1]
       s_pooled, _ = self._image(params, jnp.reshape(crops_BxVxhxwx3, (b * v,) +
                                                     crops_BxVxhxwx3.shape[2:]),
@@ -140,7 +169,7 @@ class SelfDistill:
       local = sd_loss.local_to_global(s_local_BxVxK, t_global_BxK, sd_state['center'], **temps)
       total, metrics['local_loss'] = total + self.local_weight * local, local
     if self.masked_weight:
-      mask_BxN = sd_loss.random_token_mask(rng_mask, b, n, self.mask_ratio)
+      mask_BxN = views['token_mask']
       _, s_encoded = self._image(params, view_BxHxWx3, train=True, rng=rng_masked,
                                  token_mask=mask_BxN, mask_token=heads['mask_token'])
       s_patch_BxNxK = self._project(heads, s_encoded[:, s_encoded.shape[1] - n:],
@@ -148,11 +177,10 @@ class SelfDistill:
       t_patch_BxNxK = self._project(t_heads, t_tokens_BxNxD, 'project_patches')
       masked = sd_loss.masked_prediction(s_patch_BxNxK, t_patch_BxNxK, mask_BxN,
                                          sd_state['patch_center'], **temps)
-      new_state['patch_center'] = sd_loss.update_center(
-          sd_state['patch_center'], t_patch_BxNxK, self.center_momentum)
+      means['patch_center'] = jnp.mean(t_patch_BxNxK.astype(jnp.float32), axis=(0, 1))
       total, metrics['masked_loss'] = total + self.masked_weight * masked, masked
     metrics['loss'] = total
-    return total, metrics, new_state
+    return total, (metrics, jax.lax.stop_gradient(means))
 
 
 def view_shapes(config, distill: SelfDistill) -> dict[str, tuple[int, ...]]:
@@ -205,4 +233,11 @@ def from_config(config, mesh=None) -> SelfDistill | None:
       teacher_temp=float(cfg.get('teacher_temp', 0.04)),
       center_momentum=float(cfg.get('center_momentum', 0.9)),
       global_key=cfg.get('global_key', 'global_view'),
-      local_key=cfg.get('local_key', 'local_crops'))
+      local_key=cfg.get('local_key', 'local_crops'),
+      accum_steps=accum_steps(config))
+
+
+def accum_steps(config) -> int:
+  """config.self_distill.accum_steps, by default config.accum_steps (GradCache's)."""
+  k = (config.get('self_distill') or {}).get('accum_steps')
+  return int(config.get('accum_steps', 1) if k is None else k)

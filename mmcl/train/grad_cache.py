@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-def _split(x, k: int, sharding: NamedSharding):
+def split(x, k: int, sharding: NamedSharding):
   """[B, ...] -> [k, B/k, ...]; row m + k r goes to micro-batch m, position r."""
   x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
   spec = P(None, *sharding.spec)
@@ -43,7 +43,7 @@ def value_and_grad(params, batch: dict, *, embed: Callable, loss: Callable, accu
   Returns ((total, (loss, loss_metrics, heads, metrics)), grads).
   """
   k = accum_steps
-  micro = jax.tree.map(lambda x: _split(x, k, batch_sharding), batch)
+  micro = jax.tree.map(lambda x: split(x, k, batch_sharding), batch)
   micro_rngs = jax.random.split(rng, k)
 
   def embed_one(inputs):
@@ -59,7 +59,7 @@ def value_and_grad(params, batch: dict, *, embed: Callable, loss: Callable, accu
   (value, loss_metrics), (dzimg, dztxt, dheads) = jax.value_and_grad(
       loss, argnums=(0, 1, 2), has_aux=True)(
           _merge(zimg, batch_sharding), _merge(ztxt, batch_sharding), heads)
-  dzimg, dztxt = _split(dzimg, k, batch_sharding), _split(dztxt, k, batch_sharding)
+  dzimg, dztxt = split(dzimg, k, batch_sharding), split(dztxt, k, batch_sharding)
 
   # 3. Back-propagate each micro-batch's slice; the heads' and aux's cotangents are split k ways.
   def backward_one(grads, inputs):

@@ -109,7 +109,7 @@ def train_step(state: dict, batch: dict, *, model: nn.Module, tx, loss_fn: Calla
   extra_metrics = {}
   if distill is not None:  # SILC + TIPS terms against the EMA teacher: mmcl/train/distill.py.
     sd_value, sd_metrics, sd_state, sd_grads = distill.value_and_grad(
-        state, batch, jax.random.fold_in(step_rng, 1))
+        state, batch, jax.random.fold_in(step_rng, 1), batch_sharding)
     total = total + sd_value
     grads = jax.tree.map(jnp.add, grads, sd_grads)
     extra_metrics.update({f'self_distill/{k}': v for k, v in sd_metrics.items()})

@@ -37,6 +37,11 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
         f'config.accum_steps={accum} must be >= 1 and split config.batch_size='
         f'{config.batch_size} into micro-batches that divide over the {shards} batch shards '
         f'(batch_size must be a multiple of accum_steps x {shards}).')
+  sd_accum = distill_lib.accum_steps(config)
+  if sd_accum < 1 or config.batch_size % (sd_accum * shards):
+    raise ValueError(
+        f'config.self_distill.accum_steps={sd_accum} (default: config.accum_steps) must be '
+        f'>= 1 and a divisor of config.batch_size={config.batch_size} / {shards} batch shards.')
   optim.make_temperature(config)  # Unknown or incomplete temperature settings.
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
