@@ -109,9 +109,9 @@ class SelfDistill:
     views = {key: batch[key] for key in self.batch_keys()}
     rng_mask, rng = jax.random.split(rng)
     if self.masked_weight:  # Drawn for the whole batch: the same with any micro-batching.
-      b, h, w, _ = views[self.global_key].shape
-      n = (h // self.patch_size) * (w // self.patch_size)
-      views['token_mask'] = sd_loss.random_token_mask(rng_mask, b, n, self.mask_ratio)
+      view = views[self.global_key]
+      views['token_mask'] = sd_loss.random_token_mask(rng_mask, view.shape[0],
+                                                      self._num_patches(view), self.mask_ratio)
     teacher = jax.lax.stop_gradient(state['ema'])
     grad_fn = jax.value_and_grad(self._terms, has_aux=True)
 
@@ -138,6 +138,10 @@ class SelfDistill:
                if name in means else c for name, c in state[KEY].items()}
     return value, metrics, centres, grads
 
+  def _num_patches(self, images_BxHxWx3) -> int:
+    _, h, w, _ = images_BxHxWx3.shape
+    return (h // self.patch_size) * (w // self.patch_size)
+
   def _image(self, params, images, train, rng=None, **masking):
     _, _, out = self.model.apply({'params': _model_params(params)}, images, None, train=train,
                                  rngs={'dropout': rng} if train else {}, **masking)
@@ -149,8 +153,7 @@ class SelfDistill:
   def _terms(self, params, teacher, sd_state, views, rng):
     """(weighted loss, (metrics, the teacher's mean logits per centre)) of `views`."""
     view_BxHxWx3 = views[self.global_key]
-    b, h, w, _ = view_BxHxWx3.shape
-    n = (h // self.patch_size) * (w // self.patch_size)
+    b, n = view_BxHxWx3.shape[0], self._num_patches(view_BxHxWx3)
     t_pooled_BxD, t_encoded = self._image(teacher, view_BxHxWx3, train=False)
     t_tokens_BxNxD = t_encoded[:, t_encoded.shape[1] - n:]  # Patches after any class token.
     heads, t_heads = params[KEY], teacher[KEY]

@@ -31,17 +31,15 @@ def validate(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Me
     raise ValueError(
         f'config.batch_size={config.batch_size} does not divide over the {shards} batch shards '
         f'of config.mesh={list(map(tuple, config.mesh))}; use a multiple of {shards}.')
-  accum = config.get('accum_steps', 1)
-  if accum < 1 or config.batch_size % (accum * shards):
-    raise ValueError(
-        f'config.accum_steps={accum} must be >= 1 and split config.batch_size='
-        f'{config.batch_size} into micro-batches that divide over the {shards} batch shards '
-        f'(batch_size must be a multiple of accum_steps x {shards}).')
-  sd_accum = distill_lib.accum_steps(config)
-  if sd_accum < 1 or config.batch_size % (sd_accum * shards):
-    raise ValueError(
-        f'config.self_distill.accum_steps={sd_accum} (default: config.accum_steps) must be '
-        f'>= 1 and a divisor of config.batch_size={config.batch_size} / {shards} batch shards.')
+  for name, accum in (('accum_steps', config.get('accum_steps', 1)),
+                      ('self_distill.accum_steps', distill_lib.accum_steps(config))):
+    if accum < 1 or config.batch_size % (accum * shards):
+      default = ' (default: config.accum_steps)' if name != 'accum_steps' else ''
+      raise ValueError(
+          f'config.{name}={accum}{default} must be >= 1 and split config.batch_size='
+          f'{config.batch_size} into micro-batches that divide over the {shards} batch shards '
+          f'(batch_size must be a multiple of accum_steps x {shards}: accum_steps a divisor '
+          f'of {config.batch_size // shards}).')
   optim.make_temperature(config)  # Unknown or incomplete temperature settings.
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} does not divide over '
