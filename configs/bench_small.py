@@ -22,9 +22,7 @@ OPTIONS = ('tiny',)
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  options = {o for o in (arg or '').split(',') if o}
-  if options - set(OPTIONS):
-    raise ValueError(f'Bad bench_small options {arg!r}; valid: {OPTIONS}.')
+  options = common.parse_options(arg, OPTIONS, 'bench_small')
   tiny = 'tiny' in options
 
   c = common.base_config()

@@ -3,6 +3,15 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def parse_options(arg: str | None, valid: tuple[str, ...], recipe: str) -> set[str]:
+  """The comma-separated options of `--config configs/R.py:a,b`, each checked against `valid`."""
+  options = {o for o in (arg or '').split(',') if o}
+  if options - set(valid):
+    raise ValueError(f'Bad {recipe} options {sorted(options - set(valid))} in {arg!r}; '
+                     f'valid: {valid}.')
+  return options
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0

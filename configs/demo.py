@@ -26,9 +26,9 @@ OPTIONS = ('clip', 'siglip', 'tiny', 'distill', 'naflex')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  options = {o for o in (arg or '').split(',') if o}
-  if options - set(OPTIONS) or {'clip', 'siglip'} <= options:
-    raise ValueError(f'Bad demo options {arg!r}; valid: {OPTIONS} (clip or siglip, not both).')
+  options = common.parse_options(arg, OPTIONS, 'demo')
+  if {'clip', 'siglip'} <= options:
+    raise ValueError(f'Bad demo options {arg!r}: clip or siglip, not both.')
   siglip, tiny = 'siglip' in options, 'tiny' in options
   dataset = 'mmcl_shapes/tiny' if tiny else 'mmcl_shapes'
 

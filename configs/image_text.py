@@ -20,9 +20,7 @@ def recipe(arg: str, *, image: dict, text: dict, embed_dim: int, loss: str, batc
            text_len: int, vocab_size: int, res: int = 224, mesh=(('data', -1),),
            remat: str = 'none', temperature_init: float, max_temperature: float | None,
            bias_init: float | None, loss_impl: str = 'gather') -> ml_collections.ConfigDict:
-  options = {o for o in (arg or '').split(',') if o}
-  if options - set(OPTIONS):
-    raise ValueError(f'Bad recipe options {arg!r}; valid: {OPTIONS}.')
+  options = common.parse_options(arg, OPTIONS, 'recipe')
   tiny = 'tiny' in options
   c = common.base_config()
   c.total_steps = 6 if tiny else steps

@@ -33,9 +33,7 @@ def recipe(arg: str, *, variant: str, res: int, batch_size: int, steps: int,
            num_experts: int = 32, group_images: int = 4, mesh=(('data', -1), ('expert', 8)),
            remat: bool = False) -> ml_collections.ConfigDict:
   """The LIMoE recipe shared by the B/16 and H/14 configs."""
-  options = {o for o in (arg or '').split(',') if o}
-  if options - set(OPTIONS):
-    raise ValueError(f'Bad LIMoE options {arg!r}; valid: {OPTIONS}.')
+  options = common.parse_options(arg, OPTIONS, 'LIMoE')
   tiny = 'tiny' in options
   c = common.base_config()
   c.total_steps = 10 if tiny else steps

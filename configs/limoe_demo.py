@@ -17,14 +17,14 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from configs import demo
+from configs import common, demo
 
 OPTIONS = demo.OPTIONS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = demo.get_config(arg)  # common.base_config() + the demo's data, loss and evals.
-  tiny = 'tiny' in {o for o in (arg or '').split(',') if o}
+  tiny = 'tiny' in common.parse_options(arg, OPTIONS, 'limoe_demo')
   num_experts = 4
   old = c.model
   c.model = ml_collections.ConfigDict(dict(

@@ -32,9 +32,7 @@ NUM_BINS = 500  # Coordinate tokens per box coordinate (our choice; LocCa writes
 
 
 def get_config(arg: str = ''):
-  options = {o for o in (arg or '').split(',') if o}
-  if options - set(OPTIONS):
-    raise ValueError(f'Bad siglip2_b16 options {arg!r}; valid: {OPTIONS}.')
+  options = common.parse_options(arg, OPTIONS, 'siglip2_b16')
   c = image_text.recipe(
       ','.join(sorted(options - {'distill'})), image=dict(variant='B/16', pool='map'),
       text=dict(variant='B', style='siglip'), embed_dim=768, loss='sigmoid',

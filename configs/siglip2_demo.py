@@ -20,7 +20,7 @@ configs/demo.py:siglip,distill; opt-in because on the CPU those steps cost ~2x),
 """
 import ml_collections
 
-from configs import demo
+from configs import common, demo
 
 OBJECTIVES = ('locca', 'coca', 'cappa', 'nodecoder')
 OPTIONS = OBJECTIVES + ('distill', 'tiny')
@@ -29,11 +29,10 @@ BYTES_VOCAB = 258  # mmcl.data.tokenizers.ByteTokenizer.vocab_size (config.token
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  options = {o for o in (arg or '').split(',') if o}
+  options = common.parse_options(arg, OPTIONS, 'siglip2_demo')
   objectives = options & set(OBJECTIVES)
-  if options - set(OPTIONS) or len(objectives) > 1:
-    raise ValueError(f'Bad siglip2_demo options {arg!r}; valid: {OPTIONS} (at most one of '
-                     f'{OBJECTIVES}).')
+  if len(objectives) > 1:
+    raise ValueError(f'Bad siglip2_demo options {arg!r}: at most one of {OBJECTIVES}.')
   objective = objectives.pop() if objectives else 'locca'
   tiny = 'tiny' in options
   c = demo.get_config(','.join(['clip' if objective == 'coca' else 'siglip'] +

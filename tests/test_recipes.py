@@ -5,9 +5,12 @@ slices by tests/test_tpu_compile.py's tool and BENCHMARKS.md section 5); the tin
 train a few steps on the synthetic shapes with the recipe's loss, pooling and optimizer.
 """
 import importlib
+import pathlib
 
 import numpy as np
 import pytest
+
+import configs
 
 from mmcl.train import loop
 from mmcl.train import metrics as metrics_lib
@@ -37,6 +40,21 @@ def test_published_settings():
   assert _config('lit_b16').optim.freeze == 'img/.*'
   with pytest.raises(ValueError, match='tiny'):
     _config('clip_b16', 'huge')
+
+
+def _recipes_with_options():
+  for path in sorted(pathlib.Path(configs.__file__).parent.glob('*.py')):
+    text = path.read_text()
+    if 'def get_config' in text and 'OPTIONS' in text:
+      yield path.stem
+
+
+@pytest.mark.parametrize('name', list(_recipes_with_options()))
+def test_unknown_options_are_refused_naming_the_valid_ones(name):
+  module = importlib.import_module(f'configs.{name}')
+  with pytest.raises(ValueError, match=r"\['huge'\].*valid: .*'tiny'"):
+    module.get_config('tiny,huge')
+  assert module.get_config('tiny').total_steps > 0
 
 
 @pytest.mark.slow
