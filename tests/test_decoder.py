@@ -398,6 +398,8 @@ def test_siglip2_recipes_settings():
   coca, cappa = siglip2_demo.get_config('coca'), siglip2_demo.get_config('cappa')
   assert (coca.loss.name, coca.model.decoder.loss_weight) == ('softmax', 2.0)
   assert (cappa.contrastive_weight, cappa.model.decoder.parallel_prob) == (0.0, 0.75)
+  assert siglip2_demo.get_config().model.decoder.parallel_prob == 0.75  # LocCa + CapPa's.
+  assert coca.model.decoder.parallel_prob == 0.0
   assert 'decoder' not in siglip2_demo.get_config('nodecoder').model
-  with pytest.raises(ValueError, match='valid'):
+  with pytest.raises(ValueError, match=r"at most one of \('locca', 'coca'"):
     siglip2_demo.get_config('coca,cappa')
