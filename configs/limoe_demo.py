@@ -23,8 +23,8 @@ OPTIONS = demo.OPTIONS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  c = demo.get_config(arg)  # common.base_config() + the demo's data, loss and evals.
   tiny = 'tiny' in common.parse_options(arg, OPTIONS, 'limoe_demo')
+  c = demo.get_config(arg)  # common.base_config() + the demo's data, loss and evals.
   num_experts = 4
   old = c.model
   c.model = ml_collections.ConfigDict(dict(
